@@ -1,0 +1,138 @@
+//! The backend interface: the handful of operations a Llama-family forward pass needs, over tensors that live
+//! wherever the backend computes. [`crate::model::Model`] is written once against it; `cpu` implements it here and
+//! `cuda` implements it on the GPU.
+//!
+//! Operations write into caller-provided outputs so that a backend can keep its buffers in an arena (and capture a
+//! step in a CUDA graph). Per-step inputs (token ids, positions, KV slots, block tables) are uploaded once per step
+//! as a [`Backend::Batch`].
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::rope::Rope;
+use crate::weights::HostTensor;
+
+/// Shape of the paged KV cache. Layer by layer, block by block: for each layer, block `b` is one contiguous run of
+/// `2 * block_size * n_kv_heads * head_dim` elements — first K then V, each token-major (`[block_size][n_kv_heads]
+/// [head_dim]`). So one block of one layer can be exported or imported as a single contiguous copy (disaggregation
+/// moves blocks layer by layer), and consecutive block ids form one contiguous run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    pub n_layers: usize,
+    pub n_blocks: usize,
+    pub block_size: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvLayout {
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Elements of one block of one layer (K and V).
+    pub fn block_elems(&self) -> usize {
+        2 * self.block_size * self.kv_dim()
+    }
+}
+
+/// One sequence's share of a step: its rows in the step's token dimension and where its KV lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqSlice {
+    /// First row of this sequence's new tokens in the step.
+    pub q_start: u32,
+    /// Number of new tokens (1 for a decode step, up to the chunk size for prefill).
+    pub q_len: u32,
+    /// Tokens in the KV cache once this step has written its new ones: the new tokens sit at positions
+    /// `context_len - q_len .. context_len`.
+    pub context_len: u32,
+    /// Physical block ids holding positions `0..context_len`, in order.
+    pub block_table: Vec<u32>,
+}
+
+/// The host-side description of one forward step over many sequences (tokens flattened, as in varlen attention).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepBatch {
+    pub token_ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// Per token: `block_id * block_size + offset`, where its K and V are written.
+    pub slots: Vec<u32>,
+    pub seqs: Vec<SeqSlice>,
+    /// Rows (indices into the token dimension) whose logits the step returns, in order.
+    pub logit_rows: Vec<u32>,
+}
+
+impl StepBatch {
+    pub fn n_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+}
+
+/// Attention geometry that the attention kernel needs besides the batch.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+pub trait Backend: Send + Sync {
+    /// A 2-D activation `(rows, cols)`, row-major.
+    type Tensor: Send;
+    /// A weight matrix `(out_features, in_features)` as stored by PyTorch `nn.Linear`, or a vector.
+    type Weight: Send + Sync;
+    type KvCache: Send;
+    type Batch;
+
+    fn name(&self) -> &'static str;
+    fn weight(&self, tensor: HostTensor) -> Result<Self::Weight>;
+    fn kv_cache(&self, layout: &KvLayout) -> Result<Self::KvCache>;
+    fn batch(&self, step: &StepBatch) -> Result<Self::Batch>;
+    fn tensor(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+
+    /// `out[t] = table[token_ids[t]]`.
+    fn embed(&self, out: &mut Self::Tensor, table: &Self::Weight, batch: &Self::Batch);
+    /// `out = x / sqrt(mean(x²) + eps) * weight`, row by row.
+    fn rms_norm(&self, out: &mut Self::Tensor, x: &Self::Tensor, weight: &Self::Weight, eps: f32);
+    /// RMSNorm of each `head_dim` slice of each row, in place (Qwen3's q/k norm).
+    fn head_rms_norm(&self, x: &mut Self::Tensor, head_dim: usize, weight: &Self::Weight, eps: f32);
+    /// `out = x · wᵀ (+ bias)`.
+    fn linear(&self, out: &mut Self::Tensor, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>);
+    /// Rotates each `head_dim` slice of each row by its token's position (rotate-half convention).
+    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, rope: &Rope, batch: &Self::Batch);
+    /// Writes each token's k and v rows into its slot of layer `layer_idx`.
+    fn write_kv(
+        &self,
+        cache: &mut Self::KvCache,
+        layer_idx: usize,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        batch: &Self::Batch,
+    );
+    /// Causal attention of each new token over its sequence's cached context (which includes the new tokens).
+    fn attention(
+        &self,
+        out: &mut Self::Tensor,
+        q: &Self::Tensor,
+        cache: &Self::KvCache,
+        layer_idx: usize,
+        shape: AttentionShape,
+        batch: &Self::Batch,
+    );
+    /// `out = silu(gate) * up`.
+    fn silu_mul(&self, out: &mut Self::Tensor, gate: &Self::Tensor, up: &Self::Tensor);
+    /// `x += y`.
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+    /// `out[i] = x[batch.logit_rows[i]]`.
+    fn gather_logit_rows(&self, out: &mut Self::Tensor, x: &Self::Tensor, batch: &Self::Batch);
+    /// Copies a tensor to the host as f32, row-major.
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+
+    /// Bytes of one block of one layer, as exported.
+    fn kv_block_bytes(&self, layout: &KvLayout) -> usize;
+    /// Copies block `block` of layer `layer_idx` into `dst` (exactly `kv_block_bytes` long).
+    fn export_kv_block(&self, cache: &Self::KvCache, layer_idx: usize, block: u32, dst: &mut [u8]) -> Result<()>;
+    /// Overwrites block `block` of layer `layer_idx` from `src` (as produced by `export_kv_block`).
+    fn import_kv_block(&self, cache: &mut Self::KvCache, layer_idx: usize, block: u32, src: &[u8]) -> Result<()>;
+}
