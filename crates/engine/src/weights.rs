@@ -109,7 +109,10 @@ impl SafetensorsDir {
             let (header_len, metadata) =
                 safetensors::SafeTensors::read_metadata(&mmap[..]).map_err(|e| Error::Weights {
                     path: path.clone(),
-                    message: format!("not a valid safetensors file: {e}"),
+                    message: format!(
+                        "not a valid safetensors file ({} bytes; truncated or corrupt?): {e}",
+                        mmap.len()
+                    ),
                 })?;
             let data_start = 8 + header_len;
             for (tensor_name, info) in metadata.tensors() {
