@@ -2,9 +2,12 @@
 
 use std::time::Instant;
 
+mod bench_engine;
+mod selftest;
+
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use cleave_engine::backend::cpu::CpuBackend;
+use cleave_engine::backend::Backend;
 use cleave_engine::config::DType;
 use cleave_engine::engine::{Engine, EngineConfig, RequestParams};
 use cleave_engine::presets::{ResolvedModel, resolve_model};
@@ -26,8 +29,10 @@ struct Cli {
 enum Command {
     /// Generate a completion for one prompt.
     Generate(GenerateArgs),
-    /// Measure the engine alone: prefill and decode tokens/s (no server, no network).
-    BenchEngine(BenchEngineArgs),
+    /// Measure the engine alone: prefill and decode times against the hardware's limits (no server, no network).
+    BenchEngine(bench_engine::BenchEngineArgs),
+    /// Check the GPU backend against the CPU backend and Hugging Face references on whatever GPU is present.
+    Selftest(selftest::SelftestArgs),
     /// Print a model's shape, parameter count and memory figures.
     Info {
         /// A Hugging Face model directory or a preset (tiny, small, llama3-8b, llama3-70b, qwen2.5-7b).
@@ -36,16 +41,25 @@ enum Command {
 }
 
 #[derive(Args)]
-struct EngineArgs {
+pub struct EngineArgs {
     /// A Hugging Face model directory or a preset (tiny, small, llama3-8b, llama3-70b, qwen2.5-7b).
     #[arg(long, default_value = "tiny")]
     model: String,
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
-    /// Memory for the KV cache, in MiB.
-    #[arg(long, default_value_t = 256)]
-    kv_cache_mib: usize,
+    /// Compute backend: auto (CUDA when a GPU is usable, else CPU), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// GPU ordinal for the cuda backend.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Memory for the KV cache, in MiB (default: 256 on the CPU; on a GPU, --kv-cache-fraction of free memory).
+    #[arg(long)]
+    kv_cache_mib: Option<usize>,
+    /// On a GPU: fraction of the memory left after the weights that the KV pool takes.
+    #[arg(long, default_value_t = 0.85)]
+    kv_cache_fraction: f64,
     /// Scheduler policy: prefill-first or chunked.
     #[arg(long, default_value = "chunked")]
     scheduler: String,
@@ -92,22 +106,57 @@ struct GenerateArgs {
     json: bool,
 }
 
-#[derive(Args)]
-struct BenchEngineArgs {
-    #[command(flatten)]
-    engine: EngineArgs,
-    /// Prompt length of the prefill measurement.
-    #[arg(long, default_value_t = 512)]
-    prompt_tokens: usize,
-    /// Sequences decoding together.
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
-    /// Decode steps measured (after the prefill, which is not counted).
-    #[arg(long, default_value_t = 64)]
-    decode_steps: usize,
-    /// Repetitions; the median is reported.
-    #[arg(long, default_value_t = 3)]
-    repeat: usize,
+/// Which backend runs the engine.
+pub enum BackendChoice {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(usize),
+}
+
+/// `auto` takes the GPU when one is usable and otherwise says why it runs on the CPU.
+pub fn choose_backend(args: &EngineArgs) -> Result<BackendChoice> {
+    match args.backend.as_str() {
+        "cpu" => Ok(BackendChoice::Cpu),
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            cleave_engine::backend::cuda::probe()?;
+            Ok(BackendChoice::Cuda(args.device))
+        }
+        #[cfg(feature = "cuda")]
+        "auto" => match cleave_engine::backend::cuda::probe() {
+            Ok(_) => Ok(BackendChoice::Cuda(args.device)),
+            Err(e) => {
+                eprintln!("cleave: running on the CPU backend ({e})");
+                Ok(BackendChoice::Cpu)
+            }
+        },
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => bail!("this cleave was built without the cuda feature"),
+        #[cfg(not(feature = "cuda"))]
+        "auto" => Ok(BackendChoice::Cpu),
+        other => bail!("unknown backend {other:?} (auto, cpu, cuda)"),
+    }
+}
+
+/// Builds an engine on the chosen backend and runs `$body` with it: the engine is generic over its backend, so each
+/// backend gets its own monomorphised copy of the body.
+#[macro_export]
+macro_rules! with_engine {
+    ($args:expr, $resolved:expr, $config:expr, |$engine:ident| $body:expr) => {
+        match $crate::choose_backend($args)? {
+            $crate::BackendChoice::Cpu => {
+                let $engine =
+                    cleave_engine::engine::Engine::new(cleave_engine::backend::cpu::CpuBackend, $resolved, $config)?;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            $crate::BackendChoice::Cuda(device) => {
+                let backend = cleave_engine::backend::cuda::CudaBackend::new(device, &$resolved.config)?;
+                let $engine = cleave_engine::engine::Engine::new(backend, $resolved, $config)?;
+                $body
+            }
+        }
+    };
 }
 
 fn main() {
@@ -124,18 +173,21 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
-        Command::BenchEngine(args) => bench_engine(args),
+        Command::BenchEngine(args) => bench_engine::run(args),
+        Command::Selftest(args) => selftest::run(args),
         Command::Info { model } => info(&model),
     }
 }
 
-fn engine_config(args: &EngineArgs) -> Result<EngineConfig> {
+pub fn engine_config(args: &EngineArgs) -> Result<EngineConfig> {
     Ok(EngineConfig {
         block_size: args.block_size,
         kv_cache_bytes: args
             .kv_cache_mib
+            .unwrap_or(256)
             .checked_mul(1 << 20)
             .context("--kv-cache-mib is too large")?,
+        kv_cache_memory_fraction: args.kv_cache_mib.is_none().then_some(args.kv_cache_fraction),
         policy: SchedulerPolicy::parse(&args.scheduler, args.step_tokens).map_err(anyhow::Error::msg)?,
         prefix_caching: !args.no_prefix_caching,
         ..EngineConfig::default()
@@ -145,12 +197,14 @@ fn engine_config(args: &EngineArgs) -> Result<EngineConfig> {
 fn generate(args: GenerateArgs) -> Result<()> {
     let resolved =
         resolve_model(&args.engine.model).with_context(|| format!("loading model {:?}", args.engine.model))?;
-    let load_start = Instant::now();
-    let mut engine = Engine::new(CpuBackend, resolved, engine_config(&args.engine)?)?;
-    let load_s = load_start.elapsed().as_secs_f64();
-    let prompt_ids = match (&args.prompt, args.prompt_ids) {
+    let config = engine_config(&args.engine)?;
+    with_engine!(&args.engine, resolved, config, |engine| generate_with(engine, &args))
+}
+
+fn generate_with<B: Backend>(mut engine: Engine<B>, args: &GenerateArgs) -> Result<()> {
+    let prompt_ids = match (&args.prompt, &args.prompt_ids) {
         (Some(text), None) => engine.tokenizer().encode(text)?,
-        (None, Some(ids)) => ids,
+        (None, Some(ids)) => ids.clone(),
         _ => bail!("give exactly one of --prompt and --prompt-ids"),
     };
     let params = RequestParams {
@@ -163,7 +217,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             seed: args.seed,
         },
         stop_token_ids: Vec::new(),
-        stop: args.stop,
+        stop: args.stop.clone(),
         ignore_eos: args.ignore_eos,
     };
     let n_prompt = prompt_ids.len();
@@ -178,7 +232,6 @@ fn generate(args: GenerateArgs) -> Result<()> {
             "token_ids": completion.token_ids,
             "text": completion.text,
             "finish_reason": completion.finish,
-            "load_s": load_s,
             "generate_s": elapsed_s,
         });
         println!("{out}");
@@ -232,82 +285,5 @@ fn info(model: &str) -> Result<()> {
         c.kv_bytes_per_token(DType::BF16),
         c.kv_bytes_per_token(DType::F32)
     );
-    Ok(())
-}
-
-/// Prefill: one prompt of `prompt_tokens` with a single output token, timed whole. Decode: `batch` sequences with
-/// short prompts, timed over `decode_steps` steps after their prefill. Prefix caching is off so every repetition
-/// computes everything.
-fn bench_engine(args: BenchEngineArgs) -> Result<()> {
-    let config = EngineConfig {
-        prefix_caching: false,
-        ..engine_config(&args.engine)?
-    };
-    let mut engine = Engine::new(CpuBackend, resolve_model(&args.engine.model)?, config)?;
-    let vocab = engine.model_config().vocab_size as u32;
-    let ids = |n: usize, salt: u32| {
-        (0..n as u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) ^ salt) % vocab)
-            .collect::<Vec<_>>()
-    };
-    let greedy = |max_tokens| RequestParams {
-        max_tokens,
-        ignore_eos: true,
-        ..RequestParams::default()
-    };
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let mut prefill_s = Vec::new();
-    let mut decode_s = Vec::new();
-    for rep in 0..args.repeat.max(1) {
-        let start = Instant::now();
-        engine.generate(vec![(ids(args.prompt_tokens, rep as u32), greedy(1))])?;
-        prefill_s.push(start.elapsed().as_secs_f64());
-
-        for b in 0..args.batch {
-            engine.add_request(
-                b as u64,
-                ids(16, (rep * 1000 + b) as u32),
-                greedy(args.decode_steps + 1),
-            )?;
-        }
-        // The first step prefills every prompt and samples each sequence's first token.
-        engine.step()?;
-        let start = Instant::now();
-        let mut n_tokens = 0;
-        while engine.has_unfinished() {
-            n_tokens += engine.step()?.len();
-        }
-        let elapsed = start.elapsed().as_secs_f64();
-        if n_tokens != args.batch * args.decode_steps {
-            bail!(
-                "decode produced {n_tokens} tokens, expected {}",
-                args.batch * args.decode_steps
-            );
-        }
-        decode_s.push(elapsed);
-    }
-    let (prefill, decode) = (median(prefill_s.clone()), median(decode_s.clone()));
-    let c = engine.model_config();
-    let weight_bytes = c.n_params() * c.dtype.size_bytes();
-    let decode_step_s = decode / args.decode_steps as f64;
-    let result = serde_json::json!({
-        "model": engine.model_name(),
-        "backend": engine.backend_name(),
-        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "prompt_tokens": args.prompt_tokens,
-        "prefill_s": prefill_s,
-        "prefill_tokens_per_s": args.prompt_tokens as f64 / prefill,
-        "prefill_gflops_per_s": 2.0 * c.n_params() as f64 * args.prompt_tokens as f64 / prefill / 1e9,
-        "batch": args.batch,
-        "decode_steps": args.decode_steps,
-        "decode_s": decode_s,
-        "decode_tokens_per_s": (args.batch * args.decode_steps) as f64 / decode,
-        "decode_step_ms": decode_step_s * 1e3,
-        "decode_weight_gb_per_s": weight_bytes as f64 / decode_step_s / 1e9,
-    });
-    println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use cleave_kv::{BlockPool, BlockPoolConfig, KvEvent};
 
 use crate::backend::{Backend, KvLayout, SeqSlice, StepBatch};
-use crate::config::{DType, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{Model, validate_step};
 use crate::presets::ResolvedModel;
@@ -23,6 +23,9 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Memory for the KV cache; the number of blocks follows from the model's KV bytes per token.
     pub kv_cache_bytes: usize,
+    /// On backends with their own memory (GPUs): size the KV cache as this fraction of the memory still free once
+    /// the weights are loaded, instead of `kv_cache_bytes`.
+    pub kv_cache_memory_fraction: Option<f64>,
     pub policy: SchedulerPolicy,
     pub prefix_caching: bool,
     /// Sequences decoding at once.
@@ -38,6 +41,7 @@ impl Default for EngineConfig {
         Self {
             block_size: 16,
             kv_cache_bytes: 256 << 20,
+            kv_cache_memory_fraction: None,
             policy: SchedulerPolicy::Chunked { chunk_tokens: 512 },
             prefix_caching: true,
             running_max: 256,
@@ -139,15 +143,18 @@ impl<B: Backend> Engine<B> {
         if config.block_size == 0 {
             return Err(Error::InvalidRequest("block size must be positive".into()));
         }
-        let block_bytes = config.block_size * model_config.kv_bytes_per_token(DType::F32);
-        let n_blocks = config.kv_cache_bytes / block_bytes;
+        let model = Model::load(&backend, model_config, weights.as_ref())?;
+        let block_bytes = backend.kv_block_bytes(&model.kv_layout(1, config.block_size));
+        let kv_cache_bytes = match (config.kv_cache_memory_fraction, backend.free_memory_bytes()) {
+            (Some(fraction), Some(free)) => (free as f64 * fraction.clamp(0.0, 1.0)) as usize,
+            _ => config.kv_cache_bytes,
+        };
+        let n_blocks = kv_cache_bytes / block_bytes;
         if n_blocks == 0 {
             return Err(Error::InvalidRequest(format!(
-                "a KV cache of {} bytes holds no block of {block_bytes} bytes; give it more memory",
-                config.kv_cache_bytes
+                "a KV cache of {kv_cache_bytes} bytes holds no block of {block_bytes} bytes; give it more memory"
             )));
         }
-        let model = Model::load(&backend, model_config, weights.as_ref())?;
         let layout = model.kv_layout(n_blocks, config.block_size);
         let cache = backend.kv_cache(&layout)?;
         let pool = BlockPool::new(BlockPoolConfig {
@@ -190,6 +197,11 @@ impl<B: Backend> Engine<B> {
 
     pub fn kv_layout(&self) -> KvLayout {
         self.layout
+    }
+
+    /// Bytes of one KV block of one layer on this engine's backend.
+    pub fn kv_block_bytes(&self) -> usize {
+        self.backend.kv_block_bytes(&self.layout)
     }
 
     pub fn block_pool(&self) -> &BlockPool {
@@ -279,6 +291,26 @@ impl<B: Backend> Engine<B> {
         };
         self.requests.insert(id, request);
         self.scheduler.add(id, prompt_ids);
+        Ok(())
+    }
+
+    /// Adds a request whose prompt KV is taken as already computed (the blocks hold whatever they held): the next
+    /// step decodes it at once. For decode benchmarks at long contexts only — its tokens are meaningless.
+    pub fn add_request_for_decode_benchmark(
+        &mut self,
+        id: SeqId,
+        prompt_ids: Vec<u32>,
+        params: RequestParams,
+    ) -> Result<()> {
+        self.add_request(id, prompt_ids, params)?;
+        let seq = self.scheduler.seq(id).expect("just added").tokens.clone();
+        self.scheduler.remove(id, &mut self.pool);
+        if !self.scheduler.add_assume_computed(id, seq, &mut self.pool) {
+            self.requests.remove(&id);
+            return Err(Error::Overloaded(
+                "not enough free KV blocks for the benchmark sequence".into(),
+            ));
+        }
         Ok(())
     }
 

@@ -110,6 +110,29 @@ impl Scheduler {
         self.waiting.push_back(id);
     }
 
+    /// Adds a sequence as running with all but its last token's KV already in its blocks — without computing it.
+    /// For decode benchmarks only, where step time does not depend on the cached values. False if the blocks
+    /// cannot be had.
+    pub fn add_assume_computed(&mut self, id: SeqId, tokens: Vec<u32>, pool: &mut BlockPool) -> bool {
+        let n_blocks = tokens.len().div_ceil(pool.block_size());
+        let Some(blocks) = pool.allocate_n(n_blocks) else {
+            return false;
+        };
+        let n_computed = tokens.len() - 1;
+        self.seqs.insert(
+            id,
+            SeqState {
+                tokens,
+                n_computed,
+                blocks,
+                hashes: Vec::new(),
+                n_cached_tokens: 0,
+            },
+        );
+        self.running.push(id);
+        true
+    }
+
     pub fn seq(&self, id: SeqId) -> Option<&SeqState> {
         self.seqs.get(&id)
     }

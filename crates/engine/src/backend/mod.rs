@@ -7,6 +7,8 @@
 //! as a [`Backend::Batch`].
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::error::Result;
 use crate::rope::Rope;
@@ -135,4 +137,9 @@ pub trait Backend: Send + Sync {
     fn export_kv_block(&self, cache: &Self::KvCache, layer_idx: usize, block: u32, dst: &mut [u8]) -> Result<()>;
     /// Overwrites block `block` of layer `layer_idx` from `src` (as produced by `export_kv_block`).
     fn import_kv_block(&self, cache: &mut Self::KvCache, layer_idx: usize, block: u32, src: &[u8]) -> Result<()>;
+
+    /// Device memory still free, where the backend has its own (sizes the KV pool as a fraction of it).
+    fn free_memory_bytes(&self) -> Option<usize> {
+        None
+    }
 }

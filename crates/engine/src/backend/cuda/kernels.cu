@@ -1,0 +1,254 @@
+// cleave's CUDA kernels, compiled at run time by NVRTC for the device's architecture.
+//
+// Every kernel is a template over the activation/KV element type T (float for f32 checkpoints, __nv_bfloat16 for
+// bf16 ones) and accumulates in f32. Instantiations are exported with C names `<kernel>_f32` / `<kernel>_bf16`.
+// Shapes are row-major; the KV cache layout is the one KvLayout documents: per layer, block b holds K then V,
+// each [block_size][n_kv_heads][head_dim].
+
+#include <cuda_bf16.h>
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+#define NEG_INF (__int_as_float(0xff800000))
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over a block of up to 1024 threads; every thread gets the total.
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    __shared__ float total;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float p = lane < (int)((blockDim.x + 31) >> 5) ? partial[lane] : 0.f;
+        p = warp_sum(p);
+        if (lane == 0) total = p;
+    }
+    __syncthreads();
+    return total;
+}
+
+// out[t, :] = table[ids[t], :]                          grid: n_tokens, block: 256
+template <typename T> __device__ void embed(T* out, const T* table, const u32* ids, u32 cols) {
+    const T* row = table + (u64)ids[blockIdx.x] * cols;
+    T* o = out + (u64)blockIdx.x * cols;
+    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) o[i] = row[i];
+}
+
+// out = x / sqrt(mean(x^2) + eps) * w, one row per block.  grid: rows, block: 256..1024
+template <typename T> __device__ void rms_norm(T* out, const T* x, const T* w, float eps, u32 cols) {
+    const T* xr = x + (u64)blockIdx.x * cols;
+    T* o = out + (u64)blockIdx.x * cols;
+    float ss = 0.f;
+    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) { float v = to_f32(xr[i]); ss += v * v; }
+    float inv = rsqrtf(block_sum(ss) / cols + eps);
+    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) o[i] = from_f32<T>(to_f32(xr[i]) * inv * to_f32(w[i]));
+}
+
+// RMSNorm of each head_dim slice in place (Qwen3 q/k norm). One warp per head.  grid: n_heads_total/4, block: 128
+template <typename T> __device__ void head_rms_norm(T* x, const T* w, float eps, u32 head_dim, u32 n_heads_total) {
+    u32 head = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (head >= n_heads_total) return;
+    int lane = threadIdx.x & 31;
+    T* h = x + (u64)head * head_dim;
+    float ss = 0.f;
+    for (u32 i = lane; i < head_dim; i += 32) { float v = to_f32(h[i]); ss += v * v; }
+    float inv = rsqrtf(warp_sum(ss) / head_dim + eps);
+    for (u32 i = lane; i < head_dim; i += 32) h[i] = from_f32<T>(to_f32(h[i]) * inv * to_f32(w[i]));
+}
+
+// Rotate-half RoPE in place. x: (n_tokens, n_heads * head_dim).  grid: n_tokens, block: 128
+template <typename T> __device__ void rope(T* x, const u32* positions, const float* inv_freq, u32 n_heads, u32 head_dim) {
+    u32 half = head_dim / 2;
+    T* row = x + (u64)blockIdx.x * n_heads * head_dim;
+    float pos = (float)positions[blockIdx.x];
+    for (u32 i = threadIdx.x; i < n_heads * half; i += blockDim.x) {
+        u32 h = i / half, j = i % half;
+        float s, c;
+        sincosf(pos * inv_freq[j], &s, &c);
+        T* head = row + h * head_dim;
+        float a = to_f32(head[j]), b = to_f32(head[j + half]);
+        head[j] = from_f32<T>(a * c - b * s);
+        head[j + half] = from_f32<T>(b * c + a * s);
+    }
+}
+
+template <typename T> __device__ void silu_mul(T* out, const T* gate, const T* up, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float g = to_f32(gate[i]);
+        out[i] = from_f32<T>(g / (1.f + __expf(-g)) * to_f32(up[i]));
+    }
+}
+
+template <typename T> __device__ void add_assign(T* x, const T* y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        x[i] = from_f32<T>(to_f32(x[i]) + to_f32(y[i]));
+}
+
+// x[r, c] += bias[c]
+template <typename T> __device__ void add_bias(T* x, const T* bias, u64 n, u32 cols) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        x[i] = from_f32<T>(to_f32(x[i]) + to_f32(bias[i % cols]));
+}
+
+template <typename T> __device__ void gather_rows(T* out, const T* x, const u32* rows, u32 cols) {
+    const T* src = x + (u64)rows[blockIdx.x] * cols;
+    T* dst = out + (u64)blockIdx.x * cols;
+    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) dst[i] = src[i];
+}
+
+template <typename T> __device__ void to_float(float* out, const T* x, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) out[i] = to_f32(x[i]);
+}
+
+// Writes each token's k and v rows into its slot of one layer's cache.  grid: n_tokens, block: 128
+template <typename T> __device__ void write_kv(T* layer, const T* k, const T* v, const u32* slots, u32 kv_dim, u32 block_size) {
+    u32 slot = slots[blockIdx.x];
+    u64 base = (u64)(slot / block_size) * 2 * block_size * kv_dim;
+    u32 off = slot % block_size;
+    T* kd = layer + base + (u64)off * kv_dim;
+    T* vd = layer + base + (u64)(block_size + off) * kv_dim;
+    const T* ks = k + (u64)blockIdx.x * kv_dim;
+    const T* vs = v + (u64)blockIdx.x * kv_dim;
+    for (u32 i = threadIdx.x; i < kv_dim; i += blockDim.x) { kd[i] = ks[i]; vd[i] = vs[i]; }
+}
+
+// Paged causal attention, one block of ATTN_WARPS warps per (token, head). Each warp walks every ATTN_WARPS-th key
+// of the token's context with an online softmax; lanes split head_dim (element lane + 32 i). The warps' partial
+// results are merged in shared memory at the end.
+//   seq_of_row[t]: the token's sequence; seq_meta[s] = (q_start, q_len, context_len, block_table_offset)
+#define ATTN_WARPS 4
+#define HD_PER_LANE 8  // head_dim <= 256
+template <typename T>
+__device__ void attention(T* out, const T* q, const T* layer, const u32* seq_of_row, const uint4* seq_meta,
+                          const u32* block_tables, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 block_size, float scale) {
+    u32 row = blockIdx.x, head = blockIdx.y;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    uint4 meta = seq_meta[seq_of_row[row]];
+    u32 pos = meta.z - meta.y + (row - meta.x);
+    u32 n_ctx = pos + 1;
+    const u32* table = block_tables + meta.w;
+    u32 kv_dim = n_kv_heads * head_dim;
+    u32 kv_head = head / (n_heads / n_kv_heads);
+
+    float qv[HD_PER_LANE], acc[HD_PER_LANE];
+    const T* qh = q + (u64)row * n_heads * head_dim + head * head_dim;
+#pragma unroll
+    for (int i = 0; i < HD_PER_LANE; i++) {
+        u32 d = lane + 32 * i;
+        qv[i] = d < head_dim ? to_f32(qh[d]) * scale : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = NEG_INF, l = 0.f;
+    for (u32 t = warp; t < n_ctx; t += ATTN_WARPS) {
+        u64 base = (u64)table[t / block_size] * 2 * block_size * kv_dim;
+        u32 off = t % block_size;
+        const T* kt = layer + base + (u64)off * kv_dim + kv_head * head_dim;
+        const T* vt = layer + base + (u64)(block_size + off) * kv_dim + kv_head * head_dim;
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < HD_PER_LANE; i++) {
+            u32 d = lane + 32 * i;
+            if (d < head_dim) s += qv[i] * to_f32(kt[d]);
+        }
+        s = warp_sum(s);
+        float m_new = fmaxf(m, s);
+        float correction = __expf(m - m_new);
+        float p = __expf(s - m_new);
+        l = l * correction + p;
+#pragma unroll
+        for (int i = 0; i < HD_PER_LANE; i++) {
+            u32 d = lane + 32 * i;
+            acc[i] = acc[i] * correction + (d < head_dim ? p * to_f32(vt[d]) : 0.f);
+        }
+        m = m_new;
+    }
+    // Merge the warps: rescale each to the common max.
+    __shared__ float s_m[ATTN_WARPS], s_l[ATTN_WARPS];
+    __shared__ float s_acc[ATTN_WARPS][32 * HD_PER_LANE];
+    if (lane == 0) { s_m[warp] = m; s_l[warp] = l; }
+#pragma unroll
+    for (int i = 0; i < HD_PER_LANE; i++) s_acc[warp][lane + 32 * i] = acc[i];
+    __syncthreads();
+    if (warp == 0) {
+        float m_all = NEG_INF;
+        for (int w = 0; w < ATTN_WARPS; w++) m_all = fmaxf(m_all, s_m[w]);
+        float l_all = 0.f;
+        float o[HD_PER_LANE];
+#pragma unroll
+        for (int i = 0; i < HD_PER_LANE; i++) o[i] = 0.f;
+        for (int w = 0; w < ATTN_WARPS; w++) {
+            float f = s_m[w] == NEG_INF ? 0.f : __expf(s_m[w] - m_all);
+            l_all += s_l[w] * f;
+#pragma unroll
+            for (int i = 0; i < HD_PER_LANE; i++) o[i] += s_acc[w][lane + 32 * i] * f;
+        }
+        T* oh = out + (u64)row * n_heads * head_dim + head * head_dim;
+#pragma unroll
+        for (int i = 0; i < HD_PER_LANE; i++) {
+            u32 d = lane + 32 * i;
+            if (d < head_dim) oh[d] = from_f32<T>(o[i] / l_all);
+        }
+    }
+}
+
+// Greedy sampling on the device: argmax of each logits row (lowest id wins ties).  grid: rows, block: 1024
+extern "C" __global__ void argmax_f32(u32* out, const float* logits, u32 vocab) {
+    const float* row = logits + (u64)blockIdx.x * vocab;
+    float best = NEG_INF;
+    u32 best_i = 0xffffffffu;
+    for (u32 i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float v = row[i];
+        if (v > best || (v == best && i < best_i)) { best = v; best_i = i; }
+    }
+    __shared__ float sv[1024];
+    __shared__ u32 si[1024];
+    sv[threadIdx.x] = best;
+    si[threadIdx.x] = best_i;
+    __syncthreads();
+    for (u32 s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            float v = sv[threadIdx.x + s];
+            u32 i = si[threadIdx.x + s];
+            if (v > sv[threadIdx.x] || (v == sv[threadIdx.x] && i < si[threadIdx.x])) { sv[threadIdx.x] = v; si[threadIdx.x] = i; }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = si[0];
+}
+
+// Streams `n` 16-byte words: the bandwidth ceiling the benchmarks report against.
+extern "C" __global__ void copy_u128(uint4* dst, const uint4* src, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) dst[i] = src[i];
+}
+
+#define INSTANTIATE(SUFFIX, T)                                                                                        \
+    extern "C" __global__ void embed_##SUFFIX(T* out, const T* table, const u32* ids, u32 cols) { embed(out, table, ids, cols); } \
+    extern "C" __global__ void rms_norm_##SUFFIX(T* out, const T* x, const T* w, float eps, u32 cols) { rms_norm(out, x, w, eps, cols); } \
+    extern "C" __global__ void head_rms_norm_##SUFFIX(T* x, const T* w, float eps, u32 head_dim, u32 n) { head_rms_norm(x, w, eps, head_dim, n); } \
+    extern "C" __global__ void rope_##SUFFIX(T* x, const u32* p, const float* f, u32 nh, u32 hd) { rope(x, p, f, nh, hd); } \
+    extern "C" __global__ void silu_mul_##SUFFIX(T* o, const T* g, const T* u, u64 n) { silu_mul(o, g, u, n); } \
+    extern "C" __global__ void add_assign_##SUFFIX(T* x, const T* y, u64 n) { add_assign(x, y, n); }              \
+    extern "C" __global__ void add_bias_##SUFFIX(T* x, const T* b, u64 n, u32 cols) { add_bias(x, b, n, cols); }   \
+    extern "C" __global__ void gather_rows_##SUFFIX(T* o, const T* x, const u32* r, u32 cols) { gather_rows(o, x, r, cols); } \
+    extern "C" __global__ void to_float_##SUFFIX(float* o, const T* x, u64 n) { to_float(o, x, n); }             \
+    extern "C" __global__ void write_kv_##SUFFIX(T* layer, const T* k, const T* v, const u32* s, u32 kv_dim, u32 bs) { write_kv(layer, k, v, s, kv_dim, bs); } \
+    extern "C" __global__ void attention_##SUFFIX(T* o, const T* q, const T* layer, const u32* sr, const uint4* sm, \
+                                                  const u32* bt, u32 nh, u32 nkv, u32 hd, u32 bs, float scale) {   \
+        attention(o, q, layer, sr, sm, bt, nh, nkv, hd, bs, scale);                                                 \
+    }
+
+INSTANTIATE(f32, float)
+INSTANTIATE(bf16, __nv_bfloat16)

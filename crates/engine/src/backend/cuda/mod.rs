@@ -1,0 +1,827 @@
+//! The CUDA backend: our kernels (`kernels.cu`, compiled at run time by NVRTC for the device and cached on disk),
+//! cuBLAS for the linear layers, and plain `cuMemAlloc` memory — no stream-ordered pool — so that the KV pool can later
+//! be exported through CUDA IPC to a prefill worker.
+//!
+//! CUDA libraries are opened at run time (cudarc's dynamic loading): the same binary runs on machines without a GPU,
+//! where [`CudaBackend::new`] returns an error saying what is missing instead of panicking inside cudarc.
+//!
+//! Activations and the KV cache use the checkpoint's precision: f32 for f32 checkpoints, bf16 otherwise (f16
+//! checkpoints are computed in bf16). Every kernel accumulates in f32.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::sys as cublas_sys;
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::{AttentionShape, Backend, KvLayout, StepBatch};
+use crate::config::{DType, ModelConfig};
+use crate::error::{Error, Result};
+use crate::rope::Rope;
+use crate::weights::{HostData, HostTensor};
+
+const KERNELS_CU: &str = include_str!("kernels.cu");
+
+fn err(message: impl Into<String>) -> Error {
+    Error::Backend {
+        backend: "cuda",
+        message: message.into(),
+    }
+}
+
+fn driver<T>(what: &str, r: std::result::Result<T, cudarc::driver::DriverError>) -> Result<T> {
+    r.map_err(|e| err(format!("{what}: {e}")))
+}
+
+/// Device memory from `cuMemAlloc`, returned to the backend's cache on drop (re-allocating per step would
+/// synchronise the device every time).
+pub struct DeviceBuffer {
+    ptr: CUdeviceptr,
+    bytes: usize,
+    allocator: Arc<Allocator>,
+}
+
+impl DeviceBuffer {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        self.allocator
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(self.bytes)
+            .or_default()
+            .push(self.ptr);
+    }
+}
+
+/// A size-bucketed cache of device allocations. All work runs on one stream, so a buffer released by the host can
+/// be handed to the next user at once: the stream orders the uses.
+struct Allocator {
+    ctx: Arc<CudaContext>,
+    free: Mutex<HashMap<usize, Vec<CUdeviceptr>>>,
+}
+
+impl Allocator {
+    fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
+        let bytes = bytes.max(16).next_multiple_of(256);
+        let cached = self
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&bytes)
+            .and_then(Vec::pop);
+        let ptr = match cached {
+            Some(p) => p,
+            None => {
+                driver("bind context", self.ctx.bind_to_thread())?;
+                // SAFETY: a plain device allocation; freed in Allocator::drop.
+                unsafe { cudarc::driver::result::malloc_sync(bytes) }.map_err(|e| {
+                    let (free, total) = cudarc::driver::result::mem_get_info().unwrap_or((0, 0));
+                    err(format!(
+                        "cannot allocate {} MiB on the GPU ({} MiB free of {} MiB): {e}. Use a smaller model, a smaller KV cache or fewer tokens per step",
+                        bytes >> 20,
+                        free >> 20,
+                        total >> 20
+                    ))
+                })?
+            }
+        };
+        Ok(DeviceBuffer {
+            ptr,
+            bytes,
+            allocator: self.clone(),
+        })
+    }
+}
+
+impl Drop for Allocator {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        for ptrs in self.free.get_mut().unwrap_or_else(|e| e.into_inner()).values() {
+            for &p in ptrs {
+                // SAFETY: every pointer here came from malloc_sync and is no longer referenced.
+                let _ = unsafe { cudarc::driver::result::free_sync(p) };
+            }
+        }
+    }
+}
+
+/// A `(rows, cols)` tensor on the device, in the backend's element type.
+pub struct CudaTensor {
+    pub buf: DeviceBuffer,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+pub struct CudaWeight {
+    pub buf: DeviceBuffer,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// The whole KV pool in one allocation: layer `l` starts at `l * layer_bytes`.
+pub struct CudaKvCache {
+    pub pool: DeviceBuffer,
+    pub layout: KvLayout,
+    pub layer_bytes: usize,
+}
+
+impl CudaKvCache {
+    fn layer_ptr(&self, layer_idx: usize) -> u64 {
+        self.pool.ptr() + (layer_idx * self.layer_bytes) as u64
+    }
+}
+
+/// One step's inputs, uploaded once.
+pub struct CudaBatch {
+    token_ids: DeviceBuffer,
+    positions: DeviceBuffer,
+    slots: DeviceBuffer,
+    seq_of_row: DeviceBuffer,
+    seq_meta: DeviceBuffer,
+    block_tables: DeviceBuffer,
+    logit_rows: DeviceBuffer,
+    n_tokens: usize,
+    n_logit_rows: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Elem {
+    F32,
+    BF16,
+}
+
+impl Elem {
+    fn size(self) -> usize {
+        match self {
+            Elem::F32 => 4,
+            Elem::BF16 => 2,
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Elem::F32 => "f32",
+            Elem::BF16 => "bf16",
+        }
+    }
+
+    fn cuda_type(self) -> cublas_sys::cudaDataType {
+        match self {
+            Elem::F32 => cublas_sys::cudaDataType::CUDA_R_32F,
+            Elem::BF16 => cublas_sys::cudaDataType::CUDA_R_16BF,
+        }
+    }
+}
+
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: cudarc::cublas::CudaBlas,
+    allocator: Arc<Allocator>,
+    functions: HashMap<String, CudaFunction>,
+    _module: Arc<CudaModule>,
+    elem: Elem,
+    rope_table: Mutex<Option<(Vec<f32>, DeviceBuffer)>>,
+    device_name: String,
+    arch: String,
+}
+
+// SAFETY: the backend is used from one thread at a time (the engine's); cudarc's handles are bound to the context
+// before each call.
+unsafe impl Send for CudaBackend {}
+unsafe impl Sync for CudaBackend {}
+
+/// Whether the CUDA driver, cuBLAS and NVRTC libraries can be opened, and a GPU is present. `Err` says what is missing.
+pub fn probe() -> Result<usize> {
+    // SAFETY: these only try to dlopen the libraries.
+    let present = unsafe {
+        [
+            ("the CUDA driver (libcuda.so)", cudarc::driver::sys::is_culib_present()),
+            ("cuBLAS (libcublas.so)", cudarc::cublas::sys::is_culib_present()),
+            ("cuBLASLt (libcublasLt.so)", cudarc::cublaslt::sys::is_culib_present()),
+            ("NVRTC (libnvrtc.so)", cudarc::nvrtc::sys::is_culib_present()),
+        ]
+    };
+    let missing: Vec<&str> = present.iter().filter(|(_, ok)| !ok).map(|(name, _)| *name).collect();
+    if !missing.is_empty() {
+        return Err(err(format!(
+            "cannot load {}; install the NVIDIA driver and CUDA 13 libraries, or add their folder (e.g. /usr/local/cuda/lib64) to LD_LIBRARY_PATH",
+            missing.join(", ")
+        )));
+    }
+    driver("cuInit", cudarc::driver::result::init())?;
+    let n = driver("counting GPUs", cudarc::driver::result::device::get_count())?;
+    if n <= 0 {
+        return Err(err("no CUDA GPU is visible"));
+    }
+    Ok(n as usize)
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal` and compiles (or loads cached) kernels for it. Activations follow `config.dtype`.
+    pub fn new(ordinal: usize, config: &ModelConfig) -> Result<Self> {
+        let n_gpus = probe()?;
+        if ordinal >= n_gpus {
+            return Err(err(format!("GPU {ordinal} requested but {n_gpus} visible")));
+        }
+        let ctx = driver("creating the CUDA context", CudaContext::new(ordinal))?;
+        let stream = driver("creating a stream", ctx.new_stream())?;
+        let blas = cudarc::cublas::CudaBlas::new(stream.clone())
+            .map_err(|e| err(format!("creating the cuBLAS handle: {e}")))?;
+        let (major, minor) = driver("reading the compute capability", ctx.compute_capability())?;
+        let arch = format!("sm_{major}{minor}");
+        let device_name = driver("reading the device name", ctx.name())?;
+        let module = load_kernels(&ctx, &arch)?;
+        let mut functions = HashMap::new();
+        let elem = match config.dtype {
+            DType::F32 => Elem::F32,
+            DType::BF16 | DType::F16 => Elem::BF16,
+        };
+        let generic = [
+            "embed",
+            "rms_norm",
+            "head_rms_norm",
+            "rope",
+            "silu_mul",
+            "add_assign",
+            "add_bias",
+            "gather_rows",
+            "to_float",
+            "write_kv",
+            "attention",
+        ];
+        let names = generic
+            .iter()
+            .map(|n| format!("{n}_{}", elem.suffix()))
+            .chain(["argmax_f32".into(), "copy_u128".into()]);
+        for name in names {
+            let f = module
+                .load_function(&name)
+                .map_err(|e| err(format!("kernel {name} is missing from the module: {e}")))?;
+            functions.insert(name, f);
+        }
+        let allocator = Arc::new(Allocator {
+            ctx: ctx.clone(),
+            free: Mutex::new(HashMap::new()),
+        });
+        Ok(Self {
+            ctx,
+            stream,
+            blas,
+            allocator,
+            functions,
+            _module: module,
+            elem,
+            rope_table: Mutex::new(None),
+            device_name,
+            arch,
+        })
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        driver("synchronizing the stream", self.stream.synchronize())
+    }
+
+    fn f(&self, generic: &str) -> &CudaFunction {
+        &self.functions[&format!("{generic}_{}", self.elem.suffix())]
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
+        self.allocator.alloc(bytes)
+    }
+
+    fn upload<T: Copy>(&self, host: &[T]) -> Result<DeviceBuffer> {
+        let buf = self.alloc(std::mem::size_of_val(host))?;
+        if !host.is_empty() {
+            // SAFETY: `buf` holds at least `size_of_val(host)` bytes.
+            driver("copying to the GPU", unsafe {
+                cudarc::driver::result::memcpy_htod_async(buf.ptr, host, self.stream.cu_stream())
+            })?;
+        }
+        Ok(buf)
+    }
+
+    /// Copies `n` elements of type T from the device.
+    fn download<T: Copy + Default>(&self, ptr: u64, n: usize) -> Result<Vec<T>> {
+        let mut host = vec![T::default(); n];
+        // SAFETY: the caller passes a device range of at least n elements.
+        driver("copying from the GPU", unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut host, ptr, self.stream.cu_stream())
+        })?;
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    /// Launches `f` and panics with the kernel's name on a launch failure, which only an invalid configuration (a bug)
+    /// or a lost device produces.
+    fn launch(&self, name: &str, f: &CudaFunction, cfg: LaunchConfig, args: &[&u64], scalars: &[Scalar]) {
+        let mut builder = self.stream.launch_builder(f);
+        for a in args {
+            builder.arg(*a);
+        }
+        for s in scalars {
+            match s {
+                Scalar::U32(v) => builder.arg(v),
+                Scalar::U64(v) => builder.arg(v),
+                Scalar::F32(v) => builder.arg(v),
+            };
+        }
+        // SAFETY: argument lists match the kernels' signatures in kernels.cu (checked by the GPU selftest).
+        if let Err(e) = unsafe { builder.launch(cfg) } {
+            panic!("CUDA kernel {name} failed to launch: {e}");
+        }
+    }
+
+    fn grid_stride(n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Greedy tokens for each row of f32 logits, computed on the device (only ids cross to the host).
+    pub fn argmax_rows(&self, logits: &DeviceBuffer, rows: usize, vocab: usize) -> Result<Vec<u32>> {
+        let out = self.alloc(rows * 4)?;
+        self.launch(
+            "argmax_f32",
+            &self.functions["argmax_f32"],
+            Self::rows_cfg(rows, 1024),
+            &[&out.ptr, &logits.ptr],
+            &[Scalar::U32(vocab as u32)],
+        );
+        self.download(out.ptr, rows)
+    }
+
+    /// Measures device-memory bandwidth with a 16-byte-per-thread copy of `bytes` (read + written), in GB/s.
+    pub fn measure_copy_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64> {
+        let (src, dst) = (self.alloc(bytes)?, self.alloc(bytes)?);
+        let n = (bytes / 16) as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (132 * 16, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = &self.functions["copy_u128"];
+        self.launch("copy_u128", f, cfg, &[&dst.ptr, &src.ptr], &[Scalar::U64(n)]);
+        self.synchronize()?;
+        let start = std::time::Instant::now();
+        for _ in 0..reps {
+            self.launch("copy_u128", f, cfg, &[&dst.ptr, &src.ptr], &[Scalar::U64(n)]);
+        }
+        self.synchronize()?;
+        Ok(2.0 * bytes as f64 * reps as f64 / start.elapsed().as_secs_f64() / 1e9)
+    }
+
+    /// Measures cuBLAS throughput on an `m × n × k` product in the backend's element type, in TFLOP/s.
+    pub fn measure_gemm_tflops(&self, m: usize, n: usize, k: usize, reps: usize) -> Result<f64> {
+        let e = self.elem.size();
+        let (a, b, c) = (self.alloc(m * k * e)?, self.alloc(n * k * e)?, self.alloc(m * n * e)?);
+        let (x, w, mut out) = (
+            CudaTensor {
+                buf: a,
+                rows: m,
+                cols: k,
+            },
+            CudaWeight {
+                buf: b,
+                rows: n,
+                cols: k,
+            },
+            CudaTensor {
+                buf: c,
+                rows: m,
+                cols: n,
+            },
+        );
+        // Random-ish contents: zeros can run faster than real data.
+        let f = &self.functions["copy_u128"];
+        for buf in [&x.buf, &w.buf] {
+            let cfg = Self::grid_stride(buf.bytes / 16);
+            self.launch(
+                "copy_u128",
+                f,
+                cfg,
+                &[&buf.ptr, &self.allocator_noise()?.ptr],
+                &[Scalar::U64((buf.bytes / 16).min(NOISE_BYTES / 16) as u64)],
+            );
+        }
+        self.linear(&mut out, &x, &w, None);
+        self.synchronize()?;
+        let start = std::time::Instant::now();
+        for _ in 0..reps {
+            self.linear(&mut out, &x, &w, None);
+        }
+        self.synchronize()?;
+        Ok(2.0 * (m * n * k) as f64 * reps as f64 / start.elapsed().as_secs_f64() / 1e12)
+    }
+
+    fn allocator_noise(&self) -> Result<DeviceBuffer> {
+        let noise: Vec<u16> = (0..NOISE_BYTES / 2)
+            .map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5).to_bits())
+            .collect();
+        self.upload(&noise)
+    }
+}
+
+const NOISE_BYTES: usize = 1 << 20;
+
+enum Scalar {
+    U32(u32),
+    U64(u64),
+    F32(f32),
+}
+
+/// Compiles kernels.cu for `arch`, or loads the PTX cached from an earlier run (keyed by source hash and arch).
+fn load_kernels(ctx: &Arc<CudaContext>, arch: &str) -> Result<Arc<CudaModule>> {
+    let hash = KERNELS_CU.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    let cache_dir = std::env::var_os("CLEAVE_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("cleave")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/cleave")))
+        .unwrap_or_else(|| std::env::temp_dir().join("cleave"))
+        .join("kernels");
+    let cached = cache_dir.join(format!("{hash:016x}-{arch}.ptx"));
+    let ptx = match std::fs::read_to_string(&cached) {
+        Ok(text) => cudarc::nvrtc::Ptx::from_src(text),
+        Err(_) => {
+            let include = std::env::var("CUDA_HOME")
+                .map(|h| format!("{h}/include"))
+                .unwrap_or_else(|_| "/usr/local/cuda/include".into());
+            if !std::path::Path::new(&include).join("cuda_bf16.h").exists() {
+                return Err(err(format!(
+                    "NVRTC needs the CUDA headers (cuda_bf16.h) and {include} has none; set CUDA_HOME to the CUDA toolkit folder"
+                )));
+            }
+            let opts = cudarc::nvrtc::CompileOptions {
+                arch: Some(Box::leak(arch.to_string().into_boxed_str())),
+                include_paths: vec![include],
+                options: vec!["--std=c++17".into()],
+                ..Default::default()
+            };
+            let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS_CU, opts)
+                .map_err(|e| err(format!("compiling kernels.cu for {arch} with NVRTC failed: {e}")))?;
+            // A failed cache write only costs the next start a compile.
+            if std::fs::create_dir_all(&cache_dir).is_ok() {
+                let _ = std::fs::write(&cached, ptx.to_src());
+            }
+            ptx
+        }
+    };
+    driver("loading the kernels", ctx.load_module(ptx))
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Weight = CudaWeight;
+    type KvCache = CudaKvCache;
+    type Batch = CudaBatch;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn weight(&self, tensor: HostTensor) -> Result<CudaWeight> {
+        let (rows, cols) = match tensor.shape.as_slice() {
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            other => return Err(err(format!("weights must be 1-D or 2-D, got shape {other:?}"))),
+        };
+        let buf = match (self.elem, tensor.data) {
+            (Elem::F32, HostData::F32(v)) => self.upload(&v)?,
+            (Elem::F32, HostData::BF16(v)) => self.upload(&v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>())?,
+            (Elem::BF16, HostData::BF16(v)) => self.upload(&v)?,
+            (Elem::BF16, HostData::F32(v)) => {
+                self.upload(&v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<bf16>>())?
+            }
+        };
+        Ok(CudaWeight { buf, rows, cols })
+    }
+
+    fn kv_cache(&self, layout: &KvLayout) -> Result<CudaKvCache> {
+        let layer_bytes = layout.n_blocks * self.kv_block_bytes(layout);
+        let pool = self.alloc(layer_bytes * layout.n_layers)?;
+        // Zeroed so that a bug reading an unwritten slot shows as zeros, not as another request's data.
+        driver("zeroing the KV pool", unsafe {
+            cudarc::driver::result::memset_d8_async(pool.ptr, 0, pool.bytes, self.stream.cu_stream())
+        })?;
+        Ok(CudaKvCache {
+            pool,
+            layout: *layout,
+            layer_bytes,
+        })
+    }
+
+    fn batch(&self, step: &StepBatch) -> Result<CudaBatch> {
+        let mut seq_of_row = vec![0u32; step.n_tokens()];
+        let mut seq_meta = Vec::with_capacity(step.seqs.len() * 4);
+        let mut block_tables: Vec<u32> = Vec::new();
+        for (s, seq) in step.seqs.iter().enumerate() {
+            seq_of_row[seq.q_start as usize..(seq.q_start + seq.q_len) as usize].fill(s as u32);
+            seq_meta.extend([seq.q_start, seq.q_len, seq.context_len, block_tables.len() as u32]);
+            block_tables.extend(&seq.block_table);
+        }
+        Ok(CudaBatch {
+            token_ids: self.upload(&step.token_ids)?,
+            positions: self.upload(&step.positions)?,
+            slots: self.upload(&step.slots)?,
+            seq_of_row: self.upload(&seq_of_row)?,
+            seq_meta: self.upload(&seq_meta)?,
+            block_tables: self.upload(&block_tables)?,
+            logit_rows: self.upload(&step.logit_rows)?,
+            n_tokens: step.n_tokens(),
+            n_logit_rows: step.logit_rows.len(),
+        })
+    }
+
+    fn tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            buf: self.alloc(rows * cols * self.elem.size())?,
+            rows,
+            cols,
+        })
+    }
+
+    fn embed(&self, out: &mut CudaTensor, table: &CudaWeight, batch: &CudaBatch) {
+        let cfg = Self::rows_cfg(batch.n_tokens, 256);
+        self.launch(
+            "embed",
+            self.f("embed"),
+            cfg,
+            &[&out.buf.ptr, &table.buf.ptr, &batch.token_ids.ptr],
+            &[Scalar::U32(table.cols as u32)],
+        );
+    }
+
+    fn rms_norm(&self, out: &mut CudaTensor, x: &CudaTensor, weight: &CudaWeight, eps: f32) {
+        let cfg = Self::rows_cfg(x.rows, 1024.min(x.cols.next_multiple_of(32)) as u32);
+        self.launch(
+            "rms_norm",
+            self.f("rms_norm"),
+            cfg,
+            &[&out.buf.ptr, &x.buf.ptr, &weight.buf.ptr],
+            &[Scalar::F32(eps), Scalar::U32(x.cols as u32)],
+        );
+    }
+
+    fn head_rms_norm(&self, x: &mut CudaTensor, head_dim: usize, weight: &CudaWeight, eps: f32) {
+        let n_heads_total = x.rows * x.cols / head_dim;
+        let cfg = LaunchConfig {
+            grid_dim: (n_heads_total.div_ceil(4) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "head_rms_norm",
+            self.f("head_rms_norm"),
+            cfg,
+            &[&x.buf.ptr, &weight.buf.ptr],
+            &[
+                Scalar::F32(eps),
+                Scalar::U32(head_dim as u32),
+                Scalar::U32(n_heads_total as u32),
+            ],
+        );
+    }
+
+    fn linear(&self, out: &mut CudaTensor, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaWeight>) {
+        assert_eq!(
+            x.cols, w.cols,
+            "linear: x has {} columns, weight expects {}",
+            x.cols, w.cols
+        );
+        let (m, n, k) = (x.rows as i32, w.rows as i32, x.cols as i32);
+        // Row-major out(m, n) = x(m, k) · w(n, k)ᵀ is column-major outᵀ(n, m) = w(k, n)ᵀ · xᵀ(k, m).
+        let (alpha, beta) = (1f32, 0f32);
+        let t = self.elem.cuda_type();
+        // SAFETY: pointers and leading dimensions describe the buffers' shapes, asserted above.
+        let r = unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n,
+                m,
+                k,
+                &alpha as *const f32 as *const _,
+                w.buf.ptr as *const _,
+                t,
+                k,
+                x.buf.ptr as *const _,
+                t,
+                k,
+                &beta as *const f32 as *const _,
+                out.buf.ptr as *mut _,
+                t,
+                n,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if let Err(e) = r {
+            panic!("cuBLAS GEMM ({m}×{n}×{k}) failed: {e}");
+        }
+        if let Some(b) = bias {
+            let total = out.rows * out.cols;
+            self.launch(
+                "add_bias",
+                self.f("add_bias"),
+                Self::grid_stride(total),
+                &[&out.buf.ptr, &b.buf.ptr],
+                &[Scalar::U64(total as u64), Scalar::U32(out.cols as u32)],
+            );
+        }
+    }
+
+    fn rope(&self, x: &mut CudaTensor, head_dim: usize, rope: &Rope, batch: &CudaBatch) {
+        let mut table = self.rope_table.lock().unwrap_or_else(|e| e.into_inner());
+        if table.as_ref().is_none_or(|(host, _)| host != &rope.inv_freq) {
+            let buf = self.upload(&rope.inv_freq).expect("uploading the RoPE table");
+            *table = Some((rope.inv_freq.clone(), buf));
+        }
+        let freq = &table.as_ref().expect("set above").1;
+        let n_heads = x.cols / head_dim;
+        self.launch(
+            "rope",
+            self.f("rope"),
+            Self::rows_cfg(batch.n_tokens, 128),
+            &[&x.buf.ptr, &batch.positions.ptr, &freq.ptr],
+            &[Scalar::U32(n_heads as u32), Scalar::U32(head_dim as u32)],
+        );
+    }
+
+    fn write_kv(&self, cache: &mut CudaKvCache, layer_idx: usize, k: &CudaTensor, v: &CudaTensor, batch: &CudaBatch) {
+        let layer = cache.layer_ptr(layer_idx);
+        self.launch(
+            "write_kv",
+            self.f("write_kv"),
+            Self::rows_cfg(batch.n_tokens, 128),
+            &[&layer, &k.buf.ptr, &v.buf.ptr, &batch.slots.ptr],
+            &[
+                Scalar::U32(cache.layout.kv_dim() as u32),
+                Scalar::U32(cache.layout.block_size as u32),
+            ],
+        );
+    }
+
+    fn attention(
+        &self,
+        out: &mut CudaTensor,
+        q: &CudaTensor,
+        cache: &CudaKvCache,
+        layer_idx: usize,
+        shape: AttentionShape,
+        batch: &CudaBatch,
+    ) {
+        assert!(
+            shape.head_dim <= 256,
+            "the CUDA attention kernel supports head_dim up to 256"
+        );
+        let layer = cache.layer_ptr(layer_idx);
+        let cfg = LaunchConfig {
+            grid_dim: (batch.n_tokens as u32, shape.n_heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "attention",
+            self.f("attention"),
+            cfg,
+            &[
+                &out.buf.ptr,
+                &q.buf.ptr,
+                &layer,
+                &batch.seq_of_row.ptr,
+                &batch.seq_meta.ptr,
+                &batch.block_tables.ptr,
+            ],
+            &[
+                Scalar::U32(shape.n_heads as u32),
+                Scalar::U32(shape.n_kv_heads as u32),
+                Scalar::U32(shape.head_dim as u32),
+                Scalar::U32(cache.layout.block_size as u32),
+                Scalar::F32(shape.scale),
+            ],
+        );
+    }
+
+    fn silu_mul(&self, out: &mut CudaTensor, gate: &CudaTensor, up: &CudaTensor) {
+        let n = gate.rows * gate.cols;
+        self.launch(
+            "silu_mul",
+            self.f("silu_mul"),
+            Self::grid_stride(n),
+            &[&out.buf.ptr, &gate.buf.ptr, &up.buf.ptr],
+            &[Scalar::U64(n as u64)],
+        );
+    }
+
+    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) {
+        let n = x.rows * x.cols;
+        self.launch(
+            "add_assign",
+            self.f("add_assign"),
+            Self::grid_stride(n),
+            &[&x.buf.ptr, &y.buf.ptr],
+            &[Scalar::U64(n as u64)],
+        );
+    }
+
+    fn gather_logit_rows(&self, out: &mut CudaTensor, x: &CudaTensor, batch: &CudaBatch) {
+        if batch.n_logit_rows == 0 {
+            return;
+        }
+        self.launch(
+            "gather_rows",
+            self.f("gather_rows"),
+            Self::rows_cfg(batch.n_logit_rows, 256),
+            &[&out.buf.ptr, &x.buf.ptr, &batch.logit_rows.ptr],
+            &[Scalar::U32(x.cols as u32)],
+        );
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+        let n = x.rows * x.cols;
+        match self.elem {
+            Elem::F32 => self.download(x.buf.ptr, n),
+            Elem::BF16 => {
+                let out = self.alloc(n * 4)?;
+                self.launch(
+                    "to_float",
+                    self.f("to_float"),
+                    Self::grid_stride(n),
+                    &[&out.ptr, &x.buf.ptr],
+                    &[Scalar::U64(n as u64)],
+                );
+                self.download(out.ptr, n)
+            }
+        }
+    }
+
+    fn kv_block_bytes(&self, layout: &KvLayout) -> usize {
+        layout.block_elems() * self.elem.size()
+    }
+
+    fn export_kv_block(&self, cache: &CudaKvCache, layer_idx: usize, block: u32, dst: &mut [u8]) -> Result<()> {
+        let at = self.block_ptr(cache, layer_idx, block, dst.len())?;
+        // SAFETY: range checked by block_ptr.
+        driver("copying a KV block from the GPU", unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(dst, at, self.stream.cu_stream())
+        })?;
+        self.synchronize()
+    }
+
+    fn import_kv_block(&self, cache: &mut CudaKvCache, layer_idx: usize, block: u32, src: &[u8]) -> Result<()> {
+        let at = self.block_ptr(cache, layer_idx, block, src.len())?;
+        // SAFETY: range checked by block_ptr.
+        driver("copying a KV block to the GPU", unsafe {
+            cudarc::driver::result::memcpy_htod_async(at, src, self.stream.cu_stream())
+        })?;
+        self.synchronize()
+    }
+
+    fn free_memory_bytes(&self) -> Option<usize> {
+        self.ctx.bind_to_thread().ok()?;
+        cudarc::driver::result::mem_get_info().ok().map(|(free, _)| free)
+    }
+}
+
+impl CudaBackend {
+    fn block_ptr(&self, cache: &CudaKvCache, layer_idx: usize, block: u32, n_bytes: usize) -> Result<u64> {
+        let block_bytes = self.kv_block_bytes(&cache.layout);
+        if layer_idx >= cache.layout.n_layers || block as usize >= cache.layout.n_blocks || n_bytes != block_bytes {
+            return Err(err(format!(
+                "KV block access out of range: layer {layer_idx} of {}, block {block} of {}, {n_bytes} bytes (a block is {block_bytes})",
+                cache.layout.n_layers, cache.layout.n_blocks
+            )));
+        }
+        Ok(cache.layer_ptr(layer_idx) + (block as usize * block_bytes) as u64)
+    }
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine with only the carried binary (target/release/cleave) and this repository: selftest of
+# the CUDA backend (fixtures, an 8B-shaped model against transformers, batch invariance, measured ceilings), then the
+# engine benchmark at the Llama-3-8B shape. Results go to the folder given as $1.
+set -euo pipefail
+out=${1:-gpu-results}
+bin=${CLEAVE_BIN:-target/release/cleave}
+mkdir -p "$out"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export CLEAVE_CACHE_DIR=${CLEAVE_CACHE_DIR:-/tmp/cleave-cache}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+if [ "${SKIP_REFERENCE:-0}" != 1 ]; then
+    python3 tools/hf_reference.py --out /tmp/llama3-8b-dummy --tokenizer tests/fixtures/hf/llama/tokenizer.json 2>&1 | tail -3
+    reference=(--reference /tmp/llama3-8b-dummy)
+else
+    reference=()
+fi
+"$bin" selftest "${reference[@]}" --json-out "$out/selftest.json" 2>&1 | tee "$out/selftest.txt"
+"$bin" bench-engine --backend cuda --model llama3-8b \
+    --prompt-tokens ${PROMPTS:-512,2048,8192,32768} --batch ${BATCHES:-1,8,64,256} --context ${CONTEXTS:-1024,4096} \
+    --decode-steps 32 --repeat ${REPEAT:-2} > "$out/bench.json" 2> >(tee "$out/bench.log" >&2)
