@@ -45,6 +45,11 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     shutil.copy(args.tokenizer, os.path.join(args.out, "tokenizer.json"))
+    # Reload from the files, as a user would: the model built above had `.to(bfloat16)` round every floating
+    # buffer, RoPE's inv_freq included, which a loaded model keeps in f32.
+    del model
+    model = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.bfloat16).to("cuda").eval()
+    inv_freq_dtype = str(model.model.rotary_emb.inv_freq.dtype)
 
     gen = torch.Generator().manual_seed(1)
     cases = []
@@ -61,9 +66,22 @@ def main():
                 x = torch.cat([x, torch.tensor([[nxt]], device="cuda")], dim=1)
         cases.append({"name": name, "prompt_ids": ids, "max_new_tokens": args.new_tokens,
                       "greedy_ids": greedy, "last_prompt_logits": logits.tolist()})
+    # The same model in f32: cleave's f32 mode must match it to rounding, which separates bugs from bf16 rounding.
+    del model
+    model = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).to("cuda").eval()
+    for case in cases:
+        x = torch.tensor([case["prompt_ids"]], device="cuda")
+        greedy = []
+        with torch.no_grad():
+            case["last_prompt_logits_f32"] = model(x).logits[0, -1].float().cpu().tolist()
+            for _ in range(args.new_tokens):
+                nxt = int(model(x).logits[0, -1].argmax())
+                greedy.append(nxt)
+                x = torch.cat([x, torch.tensor([[nxt]], device="cuda")], dim=1)
+        case["greedy_ids_f32"] = greedy
     ref = {"architecture": "LlamaForCausalLM", "dtype_saved": "bfloat16", "compute_dtype": "bfloat16",
            "torch_version": torch.__version__, "transformers_version": transformers.__version__,
-           "device": torch.cuda.get_device_name(), "cases": cases}
+           "device": torch.cuda.get_device_name(), "bf16_inv_freq_dtype": inv_freq_dtype, "cases": cases}
     with open(os.path.join(args.out, "reference.json"), "w") as f:
         json.dump(ref, f)
     print(f"wrote {args.out}: {len(cases)} cases")

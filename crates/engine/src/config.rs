@@ -257,22 +257,22 @@ impl ModelConfig {
                 return Err(format!("{name} must be positive, got 0"));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} must be even for rotary embeddings", self.head_dim));
         }
         if self.vocab_size > u32::MAX as usize {
             return Err(format!("vocab_size {} does not fit u32 token ids", self.vocab_size));
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return Err(format!("rope_theta must be positive, got {}", self.rope_theta));
         }
-        if !(self.rms_norm_eps >= 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps < 0.0 {
             return Err(format!("rms_norm_eps must be non-negative, got {}", self.rms_norm_eps));
         }
         for &id in &self.eos_token_ids {

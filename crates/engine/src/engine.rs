@@ -144,7 +144,8 @@ impl<B: Backend> Engine<B> {
             return Err(Error::InvalidRequest("block size must be positive".into()));
         }
         let model = Model::load(&backend, model_config, weights.as_ref())?;
-        let block_bytes = backend.kv_block_bytes(&model.kv_layout(1, config.block_size));
+        // One block across all layers: a block id names the same slot in every layer.
+        let block_bytes = backend.kv_block_bytes(&model.kv_layout(1, config.block_size)) * model.config.n_layers;
         let kv_cache_bytes = match (config.kv_cache_memory_fraction, backend.free_memory_bytes()) {
             (Some(fraction), Some(free)) => (free as f64 * fraction.clamp(0.0, 1.0)) as usize,
             _ => config.kv_cache_bytes,
@@ -331,12 +332,16 @@ impl<B: Backend> Engine<B> {
 
     /// Runs one batch. Returns an output for every request that produced a token or finished.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
-        self.step_with_logits().map(|(outputs, _)| outputs)
+        self.run_step(false).map(|(outputs, _)| outputs)
     }
 
     /// [`Engine::step`], also returning the logits each output's token was sampled from: row `i` of the
     /// `(outputs, vocab)` matrix belongs to output `i`.
     pub fn step_with_logits(&mut self) -> Result<(Vec<RequestOutput>, Vec<f32>)> {
+        self.run_step(true)
+    }
+
+    fn run_step(&mut self, want_logits: bool) -> Result<(Vec<RequestOutput>, Vec<f32>)> {
         let scheduled = self.scheduler.schedule(&mut self.pool);
         if scheduled.is_empty() {
             return Ok((Vec::new(), Vec::new()));
@@ -344,20 +349,52 @@ impl<B: Backend> Engine<B> {
         let (step, sampling_seqs) = self.build_step(&scheduled);
         validate_step(&step, &self.model.config, &self.layout)?;
         let logits = self.model.forward(&self.backend, &mut self.cache, &step)?;
-        let logits = self.backend.to_host(&logits)?;
         self.scheduler.complete(&scheduled, &mut self.pool);
 
-        let vocab = self.model.config.vocab_size;
+        // When every row is plain greedy, a backend that can pick tokens on the device sends only ids to the host.
+        let all_greedy = sampling_seqs.iter().all(|id| {
+            let r = &self.requests[id];
+            r.params.sampling.temperature == 0.0 && r.n_generated >= r.params.min_tokens
+        });
+        let device_tokens = match (want_logits, all_greedy) {
+            (false, true) => self.backend.greedy_tokens(&logits).transpose()?,
+            _ => None,
+        };
+        let (tokens, host_logits) = match device_tokens {
+            Some(tokens) => (tokens, Vec::new()),
+            None => {
+                let host = self.backend.to_host(&logits)?;
+                let vocab = self.model.config.vocab_size;
+                let tokens = sampling_seqs
+                    .iter()
+                    .enumerate()
+                    .map(|(row, id)| self.sample(*id, &host[row * vocab..(row + 1) * vocab]))
+                    .collect();
+                (tokens, host)
+            }
+        };
         let mut outputs = Vec::with_capacity(sampling_seqs.len());
-        for (row, id) in sampling_seqs.into_iter().enumerate() {
-            let output = self.accept_token(id, &logits[row * vocab..(row + 1) * vocab])?;
+        for (id, token) in sampling_seqs.into_iter().zip(tokens) {
+            let output = self.accept_token(id, token)?;
             if output.finish.is_some() {
                 self.requests.remove(&id);
                 self.scheduler.remove(id, &mut self.pool);
             }
             outputs.push(output);
         }
-        Ok((outputs, logits))
+        Ok((outputs, host_logits))
+    }
+
+    /// Samples request `id`'s next token; EOS and stop tokens are banned until `min_tokens`.
+    fn sample(&mut self, id: SeqId, logits: &[f32]) -> u32 {
+        let eos = &self.model.config.eos_token_ids;
+        let request = self.requests.get_mut(&id).expect("sampling request exists");
+        let banned: Vec<u32> = if request.n_generated < request.params.min_tokens {
+            eos.iter().chain(&request.params.stop_token_ids).copied().collect()
+        } else {
+            Vec::new()
+        };
+        request.sampler.sample(logits, &banned)
     }
 
     /// Runs requests to completion (for the CLI, tests and benchmarks).
@@ -421,19 +458,13 @@ impl<B: Backend> Engine<B> {
         (step, sampling)
     }
 
-    /// Samples the next token of `id`, detokenizes it and decides whether the request is finished.
-    fn accept_token(&mut self, id: SeqId, logits: &[f32]) -> Result<RequestOutput> {
+    /// Records `token` for request `id`, detokenizes it and decides whether the request is finished.
+    fn accept_token(&mut self, id: SeqId, token: u32) -> Result<RequestOutput> {
         let eos = &self.model.config.eos_token_ids;
         let max_context = self.model.config.max_context;
         let request = self.requests.get_mut(&id).expect("sampling request exists");
         let params = &request.params;
         let before_min = request.n_generated < params.min_tokens;
-        let banned: Vec<u32> = if before_min {
-            eos.iter().chain(&params.stop_token_ids).copied().collect()
-        } else {
-            Vec::new()
-        };
-        let token = request.sampler.sample(logits, &banned);
         request.n_generated += 1;
         self.scheduler.append_token(id, token);
 

@@ -418,6 +418,14 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Taking `self` makes closures capture the whole `Send` wrapper rather than its raw pointer field.
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers stay within the output slice (asserted in matmul_nt).
+        unsafe { self.0.add(i) }
+    }
+}
+
 /// `out (m, n) = x (m, k) · w (n, k)ᵀ + bias`, parallel over blocks of rows and columns.
 fn matmul_nt<W: WeightElem>(out: &mut [f32], x: &[f32], w: &[W], m: usize, n: usize, k: usize, bias: Option<&[f32]>) {
     const MR: usize = 4;
@@ -433,7 +441,6 @@ fn matmul_nt<W: WeightElem>(out: &mut [f32], x: &[f32], w: &[W], m: usize, n: us
     assert!(out.len() >= m * n && x.len() >= m * k && w.len() >= n * k);
 
     (0..m_blocks * n_blocks).into_par_iter().for_each(|task| {
-        let out_ptr = out_ptr;
         let (mb, nb) = (task / n_blocks, task % n_blocks);
         let (m0, m1) = (mb * M_BLOCK, ((mb + 1) * M_BLOCK).min(m));
         let (n0, n1) = (nb * n_block, ((nb + 1) * n_block).min(n));
@@ -442,7 +449,7 @@ fn matmul_nt<W: WeightElem>(out: &mut [f32], x: &[f32], w: &[W], m: usize, n: us
         let store = |i: usize, j: usize, lanes: &[f32; LANES]| {
             let value = reduce_lanes(lanes) + bias.map_or(0.0, |b| b[j]);
             // SAFETY: (i, j) lies in this task's block, which no other task writes; bounds asserted above.
-            unsafe { *out_ptr.0.add(i * n + j) = value };
+            unsafe { *out_ptr.at(i * n + j) = value };
         };
         let mut j = n0;
         while j < n1 {
@@ -452,9 +459,9 @@ fn matmul_nt<W: WeightElem>(out: &mut [f32], x: &[f32], w: &[W], m: usize, n: us
                 while i + MR <= m1 {
                     let mut acc = [[[0f32; LANES]; NR]; MR];
                     tile_dot::<MR, NR, W>([x_row(i), x_row(i + 1), x_row(i + 2), x_row(i + 3)], ws, &mut acc);
-                    for a in 0..MR {
-                        for b in 0..NR {
-                            store(i + a, j + b, &acc[a][b]);
+                    for (a, row) in acc.iter().enumerate() {
+                        for (b, lanes) in row.iter().enumerate() {
+                            store(i + a, j + b, lanes);
                         }
                     }
                     i += MR;
@@ -462,8 +469,8 @@ fn matmul_nt<W: WeightElem>(out: &mut [f32], x: &[f32], w: &[W], m: usize, n: us
                 for i in i..m1 {
                     let mut acc = [[[0f32; LANES]; NR]; 1];
                     tile_dot::<1, NR, W>([x_row(i)], ws, &mut acc);
-                    for b in 0..NR {
-                        store(i, j + b, &acc[0][b]);
+                    for (b, lanes) in acc[0].iter().enumerate() {
+                        store(i, j + b, lanes);
                     }
                 }
                 j += NR;

@@ -138,6 +138,12 @@ pub trait Backend: Send + Sync {
     /// Overwrites block `block` of layer `layer_idx` from `src` (as produced by `export_kv_block`).
     fn import_kv_block(&self, cache: &mut Self::KvCache, layer_idx: usize, block: u32, src: &[u8]) -> Result<()>;
 
+    /// Greedy token ids of each row of `logits`, picked where the logits live so that only ids cross to the host.
+    /// `None` where the backend has no such path (the engine then samples on the host).
+    fn greedy_tokens(&self, _logits: &Self::Tensor) -> Option<Result<Vec<u32>>> {
+        None
+    }
+
     /// Device memory still free, where the backend has its own (sizes the KV pool as a fraction of it).
     fn free_memory_bytes(&self) -> Option<usize> {
         None

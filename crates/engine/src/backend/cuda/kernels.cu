@@ -125,20 +125,23 @@ template <typename T> __device__ void write_kv(T* layer, const T* k, const T* v,
     for (u32 i = threadIdx.x; i < kv_dim; i += blockDim.x) { kd[i] = ks[i]; vd[i] = vs[i]; }
 }
 
-// Paged causal attention, one block of ATTN_WARPS warps per (token, head). Each warp walks every ATTN_WARPS-th key
-// of the token's context with an online softmax; lanes split head_dim (element lane + 32 i). The warps' partial
-// results are merged in shared memory at the end.
+// Paged causal attention, flash-decoding style. Block (row, head, split) has ATTN_WARPS warps and covers one
+// contiguous slice of the token's context: split z of gridDim.z. Each warp walks every ATTN_WARPS-th key of the slice
+// with an online softmax; lanes split head_dim (element lane + 32 i). The warps merge in shared memory; with one
+// split the block writes the output, otherwise it writes (max, sum, acc[head_dim]) to `partial` for attention_merge.
 //   seq_of_row[t]: the token's sequence; seq_meta[s] = (q_start, q_len, context_len, block_table_offset)
-#define ATTN_WARPS 4
+#define ATTN_WARPS 8
 #define HD_PER_LANE 8  // head_dim <= 256
 template <typename T>
-__device__ void attention(T* out, const T* q, const T* layer, const u32* seq_of_row, const uint4* seq_meta,
+__device__ void attention(T* out, float* partial, const T* q, const T* layer, const u32* seq_of_row, const uint4* seq_meta,
                           const u32* block_tables, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 block_size, float scale) {
-    u32 row = blockIdx.x, head = blockIdx.y;
+    u32 row = blockIdx.x, head = blockIdx.y, split = blockIdx.z, n_splits = gridDim.z;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     uint4 meta = seq_meta[seq_of_row[row]];
     u32 pos = meta.z - meta.y + (row - meta.x);
     u32 n_ctx = pos + 1;
+    u32 chunk = (n_ctx + n_splits - 1) / n_splits;
+    u32 t_begin = split * chunk, t_end = min(n_ctx, t_begin + chunk);
     const u32* table = block_tables + meta.w;
     u32 kv_dim = n_kv_heads * head_dim;
     u32 kv_head = head / (n_heads / n_kv_heads);
@@ -152,56 +155,177 @@ __device__ void attention(T* out, const T* q, const T* layer, const u32* seq_of_
         acc[i] = 0.f;
     }
     float m = NEG_INF, l = 0.f;
-    for (u32 t = warp; t < n_ctx; t += ATTN_WARPS) {
+    for (u32 t = t_begin + warp; t < t_end; t += ATTN_WARPS) {
         u64 base = (u64)table[t / block_size] * 2 * block_size * kv_dim;
         u32 off = t % block_size;
         const T* kt = layer + base + (u64)off * kv_dim + kv_head * head_dim;
         const T* vt = layer + base + (u64)(block_size + off) * kv_dim + kv_head * head_dim;
-        float s = 0.f;
+        float kv_k[HD_PER_LANE], kv_v[HD_PER_LANE];
 #pragma unroll
         for (int i = 0; i < HD_PER_LANE; i++) {
             u32 d = lane + 32 * i;
-            if (d < head_dim) s += qv[i] * to_f32(kt[d]);
+            kv_k[i] = d < head_dim ? to_f32(kt[d]) : 0.f;
+            kv_v[i] = d < head_dim ? to_f32(vt[d]) : 0.f;
         }
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < HD_PER_LANE; i++) s += qv[i] * kv_k[i];
         s = warp_sum(s);
         float m_new = fmaxf(m, s);
         float correction = __expf(m - m_new);
         float p = __expf(s - m_new);
         l = l * correction + p;
 #pragma unroll
-        for (int i = 0; i < HD_PER_LANE; i++) {
-            u32 d = lane + 32 * i;
-            acc[i] = acc[i] * correction + (d < head_dim ? p * to_f32(vt[d]) : 0.f);
-        }
+        for (int i = 0; i < HD_PER_LANE; i++) acc[i] = acc[i] * correction + p * kv_v[i];
         m = m_new;
     }
-    // Merge the warps: rescale each to the common max.
     __shared__ float s_m[ATTN_WARPS], s_l[ATTN_WARPS];
     __shared__ float s_acc[ATTN_WARPS][32 * HD_PER_LANE];
     if (lane == 0) { s_m[warp] = m; s_l[warp] = l; }
 #pragma unroll
     for (int i = 0; i < HD_PER_LANE; i++) s_acc[warp][lane + 32 * i] = acc[i];
     __syncthreads();
-    if (warp == 0) {
-        float m_all = NEG_INF;
-        for (int w = 0; w < ATTN_WARPS; w++) m_all = fmaxf(m_all, s_m[w]);
-        float l_all = 0.f;
-        float o[HD_PER_LANE];
+    if (warp != 0) return;
+    float m_all = NEG_INF;
+    for (int w = 0; w < ATTN_WARPS; w++) m_all = fmaxf(m_all, s_m[w]);
+    float l_all = 0.f, o[HD_PER_LANE];
 #pragma unroll
-        for (int i = 0; i < HD_PER_LANE; i++) o[i] = 0.f;
-        for (int w = 0; w < ATTN_WARPS; w++) {
-            float f = s_m[w] == NEG_INF ? 0.f : __expf(s_m[w] - m_all);
-            l_all += s_l[w] * f;
+    for (int i = 0; i < HD_PER_LANE; i++) o[i] = 0.f;
+    for (int w = 0; w < ATTN_WARPS; w++) {
+        float f = s_m[w] == NEG_INF ? 0.f : __expf(s_m[w] - m_all);
+        l_all += s_l[w] * f;
 #pragma unroll
-            for (int i = 0; i < HD_PER_LANE; i++) o[i] += s_acc[w][lane + 32 * i] * f;
-        }
+        for (int i = 0; i < HD_PER_LANE; i++) o[i] += s_acc[w][lane + 32 * i] * f;
+    }
+    if (n_splits == 1) {
         T* oh = out + (u64)row * n_heads * head_dim + head * head_dim;
 #pragma unroll
         for (int i = 0; i < HD_PER_LANE; i++) {
             u32 d = lane + 32 * i;
             if (d < head_dim) oh[d] = from_f32<T>(o[i] / l_all);
         }
+    } else {
+        float* pp = partial + (((u64)row * n_heads + head) * n_splits + split) * (head_dim + 2);
+        if (lane == 0) { pp[0] = m_all; pp[1] = l_all; }
+#pragma unroll
+        for (int i = 0; i < HD_PER_LANE; i++) {
+            u32 d = lane + 32 * i;
+            if (d < head_dim) pp[2 + d] = o[i];
+        }
     }
+}
+
+// The same attention for grouped-query models, one block per (token, kv head, split): the GROUP query heads that
+// share a kv head are computed together, so each K and V row is read once for all of them (GROUP times fewer
+// bytes than `attention`). head_dim <= 128. Writes the output, or partials in `attention`'s layout.
+#define GQA_HD_LANE 4
+template <typename T, int GROUP>
+__device__ void attention_gqa(T* out, float* partial, const T* q, const T* layer, const u32* seq_of_row, const uint4* seq_meta,
+                              const u32* block_tables, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 block_size, float scale) {
+    u32 row = blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z, n_splits = gridDim.z;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    uint4 meta = seq_meta[seq_of_row[row]];
+    u32 pos = meta.z - meta.y + (row - meta.x);
+    u32 n_ctx = pos + 1;
+    u32 chunk = (n_ctx + n_splits - 1) / n_splits;
+    u32 t_begin = split * chunk, t_end = min(n_ctx, t_begin + chunk);
+    const u32* table = block_tables + meta.w;
+    u32 kv_dim = n_kv_heads * head_dim;
+
+    float qv[GROUP][GQA_HD_LANE], acc[GROUP][GQA_HD_LANE], m[GROUP], l[GROUP];
+#pragma unroll
+    for (int g = 0; g < GROUP; g++) {
+        const T* qh = q + (u64)row * n_heads * head_dim + (kv_head * GROUP + g) * head_dim;
+#pragma unroll
+        for (int i = 0; i < GQA_HD_LANE; i++) {
+            u32 d = lane + 32 * i;
+            qv[g][i] = d < head_dim ? to_f32(qh[d]) * scale : 0.f;
+            acc[g][i] = 0.f;
+        }
+        m[g] = NEG_INF;
+        l[g] = 0.f;
+    }
+    for (u32 t = t_begin + warp; t < t_end; t += ATTN_WARPS) {
+        u64 base = (u64)table[t / block_size] * 2 * block_size * kv_dim;
+        u32 off = t % block_size;
+        const T* kt = layer + base + (u64)off * kv_dim + kv_head * head_dim;
+        const T* vt = layer + base + (u64)(block_size + off) * kv_dim + kv_head * head_dim;
+        float kk[GQA_HD_LANE], vv[GQA_HD_LANE];
+#pragma unroll
+        for (int i = 0; i < GQA_HD_LANE; i++) {
+            u32 d = lane + 32 * i;
+            kk[i] = d < head_dim ? to_f32(kt[d]) : 0.f;
+            vv[i] = d < head_dim ? to_f32(vt[d]) : 0.f;
+        }
+        float s[GROUP];
+#pragma unroll
+        for (int g = 0; g < GROUP; g++) {
+            s[g] = 0.f;
+#pragma unroll
+            for (int i = 0; i < GQA_HD_LANE; i++) s[g] += qv[g][i] * kk[i];
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+            for (int g = 0; g < GROUP; g++) s[g] += __shfl_xor_sync(0xffffffffu, s[g], o);
+        }
+#pragma unroll
+        for (int g = 0; g < GROUP; g++) {
+            float m_new = fmaxf(m[g], s[g]);
+            float correction = __expf(m[g] - m_new);
+            float p = __expf(s[g] - m_new);
+            l[g] = l[g] * correction + p;
+#pragma unroll
+            for (int i = 0; i < GQA_HD_LANE; i++) acc[g][i] = acc[g][i] * correction + p * vv[i];
+            m[g] = m_new;
+        }
+    }
+    __shared__ float s_m[ATTN_WARPS][GROUP], s_l[ATTN_WARPS][GROUP];
+    __shared__ float s_acc[ATTN_WARPS][GROUP][32 * GQA_HD_LANE];
+#pragma unroll
+    for (int g = 0; g < GROUP; g++) {
+        if (lane == 0) { s_m[warp][g] = m[g]; s_l[warp][g] = l[g]; }
+#pragma unroll
+        for (int i = 0; i < GQA_HD_LANE; i++) s_acc[warp][g][lane + 32 * i] = acc[g][i];
+    }
+    __syncthreads();
+    // Every thread merges some (head, element) pairs across the warps.
+    for (u32 idx = threadIdx.x; idx < GROUP * head_dim; idx += blockDim.x) {
+        u32 g = idx / head_dim, d = idx % head_dim;
+        float m_all = NEG_INF;
+        for (int w = 0; w < ATTN_WARPS; w++) m_all = fmaxf(m_all, s_m[w][g]);
+        float l_all = 0.f, o = 0.f;
+        for (int w = 0; w < ATTN_WARPS; w++) {
+            float f = s_m[w][g] == NEG_INF ? 0.f : __expf(s_m[w][g] - m_all);
+            l_all += s_l[w][g] * f;
+            o += s_acc[w][g][d] * f;
+        }
+        u32 head = kv_head * GROUP + g;
+        if (n_splits == 1) {
+            out[(u64)row * n_heads * head_dim + head * head_dim + d] = from_f32<T>(o / l_all);
+        } else {
+            float* pp = partial + (((u64)row * n_heads + head) * n_splits + split) * (head_dim + 2);
+            if (d == 0) { pp[0] = m_all; pp[1] = l_all; }
+            pp[2 + d] = o;
+        }
+    }
+}
+
+// Combines the splits of `attention`.  grid: (n_tokens, n_heads), block: head_dim threads (<= 256)
+template <typename T>
+__device__ void attention_merge(T* out, const float* partial, u32 n_heads, u32 head_dim, u32 n_splits) {
+    u32 row = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
+    const float* pp = partial + ((u64)row * n_heads + head) * n_splits * (head_dim + 2);
+    float m_all = NEG_INF;
+    for (u32 z = 0; z < n_splits; z++) m_all = fmaxf(m_all, pp[z * (head_dim + 2)]);
+    float l_all = 0.f, o = 0.f;
+    for (u32 z = 0; z < n_splits; z++) {
+        const float* p = pp + z * (head_dim + 2);
+        float f = p[0] == NEG_INF ? 0.f : __expf(p[0] - m_all);
+        l_all += p[1] * f;
+        if (d < head_dim) o += p[2 + d] * f;
+    }
+    if (d < head_dim) out[(u64)row * n_heads * head_dim + head * head_dim + d] = from_f32<T>(o / l_all);
 }
 
 // Greedy sampling on the device: argmax of each logits row (lowest id wins ties).  grid: rows, block: 1024
@@ -245,10 +369,36 @@ extern "C" __global__ void copy_u128(uint4* dst, const uint4* src, u64 n) {
     extern "C" __global__ void gather_rows_##SUFFIX(T* o, const T* x, const u32* r, u32 cols) { gather_rows(o, x, r, cols); } \
     extern "C" __global__ void to_float_##SUFFIX(float* o, const T* x, u64 n) { to_float(o, x, n); }             \
     extern "C" __global__ void write_kv_##SUFFIX(T* layer, const T* k, const T* v, const u32* s, u32 kv_dim, u32 bs) { write_kv(layer, k, v, s, kv_dim, bs); } \
-    extern "C" __global__ void attention_##SUFFIX(T* o, const T* q, const T* layer, const u32* sr, const uint4* sm, \
-                                                  const u32* bt, u32 nh, u32 nkv, u32 hd, u32 bs, float scale) {   \
-        attention(o, q, layer, sr, sm, bt, nh, nkv, hd, bs, scale);                                                 \
+    extern "C" __global__ void attention_##SUFFIX(T* o, float* part, const T* q, const T* layer, const u32* sr, \
+                                                  const uint4* sm, const u32* bt, u32 nh, u32 nkv, u32 hd, u32 bs, float scale) { \
+        attention(o, part, q, layer, sr, sm, bt, nh, nkv, hd, bs, scale);                                           \
+    }                                                                                                               \
+    extern "C" __global__ void attention_merge_##SUFFIX(T* o, const float* part, u32 nh, u32 hd, u32 n_splits) {    \
+        attention_merge(o, part, nh, hd, n_splits);                                                                 \
+    }
+
+#define INSTANTIATE_GQA(SUFFIX, T, G)                                                                                 \
+    extern "C" __global__ void attention_gqa##G##_##SUFFIX(T* o, float* part, const T* q, const T* layer, const u32* sr, \
+                                                        const uint4* sm, const u32* bt, u32 nh, u32 nkv, u32 hd, u32 bs, \
+                                                        float scale) {                                               \
+        attention_gqa<T, G>(o, part, q, layer, sr, sm, bt, nh, nkv, hd, bs, scale);                                 \
     }
 
 INSTANTIATE(f32, float)
 INSTANTIATE(bf16, __nv_bfloat16)
+INSTANTIATE_GQA(f32, float, 1)
+INSTANTIATE_GQA(f32, float, 2)
+INSTANTIATE_GQA(f32, float, 3)
+INSTANTIATE_GQA(f32, float, 4)
+INSTANTIATE_GQA(f32, float, 5)
+INSTANTIATE_GQA(f32, float, 6)
+INSTANTIATE_GQA(f32, float, 7)
+INSTANTIATE_GQA(f32, float, 8)
+INSTANTIATE_GQA(bf16, __nv_bfloat16, 1)
+INSTANTIATE_GQA(bf16, __nv_bfloat16, 2)
+INSTANTIATE_GQA(bf16, __nv_bfloat16, 3)
+INSTANTIATE_GQA(bf16, __nv_bfloat16, 4)
+INSTANTIATE_GQA(bf16, __nv_bfloat16, 5)
+INSTANTIATE_GQA(bf16, __nv_bfloat16, 6)
+INSTANTIATE_GQA(bf16, __nv_bfloat16, 7)
+INSTANTIATE_GQA(bf16, __nv_bfloat16, 8)

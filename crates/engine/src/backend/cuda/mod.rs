@@ -153,6 +153,13 @@ pub struct CudaBatch {
     n_logit_rows: usize,
 }
 
+/// Element type of activations, KV cache and weights on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    BF16,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Elem {
     F32,
@@ -193,6 +200,7 @@ pub struct CudaBackend {
     rope_table: Mutex<Option<(Vec<f32>, DeviceBuffer)>>,
     device_name: String,
     arch: String,
+    n_sms: usize,
 }
 
 // SAFETY: the backend is used from one thread at a time (the engine's); cudarc's handles are bound to the context
@@ -229,6 +237,15 @@ pub fn probe() -> Result<usize> {
 impl CudaBackend {
     /// Opens GPU `ordinal` and compiles (or loads cached) kernels for it. Activations follow `config.dtype`.
     pub fn new(ordinal: usize, config: &ModelConfig) -> Result<Self> {
+        let precision = match config.dtype {
+            DType::F32 => Precision::F32,
+            DType::BF16 | DType::F16 => Precision::BF16,
+        };
+        Self::with_precision(ordinal, precision)
+    }
+
+    /// Opens GPU `ordinal` computing in `precision` whatever the checkpoint's dtype (weights are converted on load).
+    pub fn with_precision(ordinal: usize, precision: Precision) -> Result<Self> {
         let n_gpus = probe()?;
         if ordinal >= n_gpus {
             return Err(err(format!("GPU {ordinal} requested but {n_gpus} visible")));
@@ -242,9 +259,9 @@ impl CudaBackend {
         let device_name = driver("reading the device name", ctx.name())?;
         let module = load_kernels(&ctx, &arch)?;
         let mut functions = HashMap::new();
-        let elem = match config.dtype {
-            DType::F32 => Elem::F32,
-            DType::BF16 | DType::F16 => Elem::BF16,
+        let elem = match precision {
+            Precision::F32 => Elem::F32,
+            Precision::BF16 => Elem::BF16,
         };
         let generic = [
             "embed",
@@ -258,10 +275,12 @@ impl CudaBackend {
             "to_float",
             "write_kv",
             "attention",
+            "attention_merge",
         ];
         let names = generic
             .iter()
             .map(|n| format!("{n}_{}", elem.suffix()))
+            .chain((1..=8).map(|g| format!("attention_gqa{g}_{}", elem.suffix())))
             .chain(["argmax_f32".into(), "copy_u128".into()]);
         for name in names {
             let f = module
@@ -269,6 +288,10 @@ impl CudaBackend {
                 .map_err(|e| err(format!("kernel {name} is missing from the module: {e}")))?;
             functions.insert(name, f);
         }
+        let n_sms = driver(
+            "reading the SM count",
+            ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
+        )? as usize;
         let allocator = Arc::new(Allocator {
             ctx: ctx.clone(),
             free: Mutex::new(HashMap::new()),
@@ -284,6 +307,7 @@ impl CudaBackend {
             rope_table: Mutex::new(None),
             device_name,
             arch,
+            n_sms,
         })
     }
 
@@ -705,31 +729,68 @@ impl Backend for CudaBackend {
             "the CUDA attention kernel supports head_dim up to 256"
         );
         let layer = cache.layer_ptr(layer_idx);
+        // Query heads sharing a kv head run in one block, reading K and V once (head_dim up to 128).
+        let group = shape.n_heads / shape.n_kv_heads;
+        let gqa = shape.head_dim <= 128 && (1..=8).contains(&group);
+        let (kernel, blocks_y) = if gqa {
+            (format!("attention_gqa{group}"), shape.n_kv_heads)
+        } else {
+            ("attention".into(), shape.n_heads)
+        };
+        // Few blocks — decode — would leave most SMs idle: split each context across blocks (flash-decoding) so
+        // that about two blocks per SM run, and merge the splits after.
+        let pairs = batch.n_tokens * shape.n_heads;
+        let n_splits = (2 * self.n_sms).div_ceil(batch.n_tokens * blocks_y).clamp(1, 32);
+        let partial = (n_splits > 1).then(|| {
+            self.alloc(pairs * n_splits * (shape.head_dim + 2) * 4)
+                .expect("allocating attention partials")
+        });
+        let partial_ptr = partial.as_ref().map_or(0, |p| p.ptr);
         let cfg = LaunchConfig {
-            grid_dim: (batch.n_tokens as u32, shape.n_heads as u32, 1),
-            block_dim: (128, 1, 1),
+            grid_dim: (batch.n_tokens as u32, blocks_y as u32, n_splits as u32),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        let dims = [
+            Scalar::U32(shape.n_heads as u32),
+            Scalar::U32(shape.n_kv_heads as u32),
+            Scalar::U32(shape.head_dim as u32),
+            Scalar::U32(cache.layout.block_size as u32),
+            Scalar::F32(shape.scale),
+        ];
         self.launch(
-            "attention",
-            self.f("attention"),
+            &kernel,
+            self.f(&kernel),
             cfg,
             &[
                 &out.buf.ptr,
+                &partial_ptr,
                 &q.buf.ptr,
                 &layer,
                 &batch.seq_of_row.ptr,
                 &batch.seq_meta.ptr,
                 &batch.block_tables.ptr,
             ],
-            &[
-                Scalar::U32(shape.n_heads as u32),
-                Scalar::U32(shape.n_kv_heads as u32),
-                Scalar::U32(shape.head_dim as u32),
-                Scalar::U32(cache.layout.block_size as u32),
-                Scalar::F32(shape.scale),
-            ],
+            &dims,
         );
+        if n_splits > 1 {
+            let cfg = LaunchConfig {
+                grid_dim: (batch.n_tokens as u32, shape.n_heads as u32, 1),
+                block_dim: (shape.head_dim.next_multiple_of(32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                "attention_merge",
+                self.f("attention_merge"),
+                cfg,
+                &[&out.buf.ptr, &partial_ptr],
+                &[
+                    Scalar::U32(shape.n_heads as u32),
+                    Scalar::U32(shape.head_dim as u32),
+                    Scalar::U32(n_splits as u32),
+                ],
+            );
+        }
     }
 
     fn silu_mul(&self, out: &mut CudaTensor, gate: &CudaTensor, up: &CudaTensor) {
@@ -805,6 +866,30 @@ impl Backend for CudaBackend {
             cudarc::driver::result::memcpy_htod_async(at, src, self.stream.cu_stream())
         })?;
         self.synchronize()
+    }
+
+    fn greedy_tokens(&self, logits: &CudaTensor) -> Option<Result<Vec<u32>>> {
+        let run = || {
+            let n = logits.rows * logits.cols;
+            let as_f32;
+            let f32_logits = match self.elem {
+                Elem::F32 => &logits.buf,
+                Elem::BF16 => {
+                    as_f32 = self.alloc(n * 4)?;
+                    let args: [&u64; 2] = [&as_f32.ptr, &logits.buf.ptr];
+                    self.launch(
+                        "to_float",
+                        self.f("to_float"),
+                        Self::grid_stride(n),
+                        &args,
+                        &[Scalar::U64(n as u64)],
+                    );
+                    &as_f32
+                }
+            };
+            self.argmax_rows(f32_logits, logits.rows, logits.cols)
+        };
+        Some(run())
     }
 
     fn free_memory_bytes(&self) -> Option<usize> {
