@@ -6,6 +6,7 @@
 // each [block_size][n_kv_heads][head_dim].
 
 #include <cuda_bf16.h>
+#include <mma.h>
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -326,6 +327,136 @@ __device__ void attention_merge(T* out, const float* partial, u32 n_heads, u32 h
         if (d < head_dim) o += p[2 + d] * f;
     }
     if (d < head_dim) out[(u64)row * n_heads * head_dim + head * head_dim + d] = from_f32<T>(o / l_all);
+}
+
+// Prefill attention on tensor cores (bf16, WMMA 16x16x16, f32 accumulation), flash-attention style: one block of
+// FA_WARPS warps per (query tile of up to 64 rows of one sequence, head); each warp owns 16 query rows and walks the
+// causal key range 32 keys (two 16-token groups of the paged cache) at a time with an online softmax. K and V
+// fragments load straight from the paged cache (a 16-key group lies inside one KV block when block_size % 16 == 0).
+// The output accumulator lives in shared memory so it can be rescaled row by row.
+//   tiles[i] = (seq index, first row, rows); head_dim % 16 == 0 and <= 128.
+#define FA_WARPS 4
+#define FA_KEYS 32
+#define FA_HD_MAX 128
+extern "C" __global__ void __launch_bounds__(FA_WARPS * 32)
+flash_prefill_bf16(__nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat16* layer, const uint4* tiles,
+                   const uint4* seq_meta, const u32* block_tables, u32 n_heads, u32 n_kv_heads, u32 head_dim,
+                   u32 block_size, float scale) {
+    using namespace nvcuda;
+    __shared__ __align__(32) float s_o[FA_WARPS][16 * FA_HD_MAX];
+    __shared__ __align__(32) float s_s[FA_WARPS][16 * FA_KEYS];
+    __shared__ __align__(32) __nv_bfloat16 s_p[FA_WARPS][16 * FA_KEYS];
+
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    uint4 tile = tiles[blockIdx.x];
+    u32 head = blockIdx.y;
+    uint4 meta = seq_meta[tile.x];
+    u32 q_row0 = tile.y + 16 * warp;                      // first global row of this warp
+    if (16 * warp >= tile.z) return;                      // no rows for this warp (short tile)
+    u32 n_rows = min(16u, tile.z - 16 * warp);
+    u32 ctx_start = meta.z - meta.y;                      // position of the sequence's first new token
+    u32 pos0 = ctx_start + (q_row0 - meta.x);             // position of the warp's first row
+    u32 pos_last = pos0 + n_rows - 1;
+    const u32* table = block_tables + meta.w;
+    u32 kv_dim = n_kv_heads * head_dim;
+    u32 kv_head = head / (n_heads / n_kv_heads);
+    u32 n_chunks = head_dim / 16;
+    u32 q_stride = n_heads * head_dim;
+    float* o = s_o[warp];
+
+    // Stage Q (rows past the tile zeroed) through the output buffer, into fragments kept for the whole loop.
+    __nv_bfloat16* q_stage = reinterpret_cast<__nv_bfloat16*>(o);
+    for (u32 i = lane; i < 16 * head_dim; i += 32) {
+        u32 r = i / head_dim, d = i % head_dim;
+        q_stage[i] = r < n_rows ? q[(u64)(q_row0 + r) * q_stride + head * head_dim + d] : __float2bfloat16(0.f);
+    }
+    __syncwarp();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> qf[FA_HD_MAX / 16];
+#pragma unroll
+    for (int c = 0; c < FA_HD_MAX / 16; c++)
+        if (c < n_chunks) wmma::load_matrix_sync(qf[c], q_stage + c * 16, head_dim);
+    __syncwarp();
+    for (u32 i = lane; i < 16 * head_dim; i += 32) o[i] = 0.f;
+
+    // Lanes 2r and 2r+1 keep row r's running max and sum.
+    u32 my_row = lane >> 1, half = lane & 1;
+    float m = NEG_INF, l = 0.f;
+    u32 my_pos = pos0 + my_row;
+
+    for (u32 key0 = 0; key0 <= pos_last; key0 += FA_KEYS) {
+        // S = Q K^T for 32 keys: two 16-key groups.
+#pragma unroll
+        for (int g = 0; g < FA_KEYS / 16; g++) {
+            u32 t0 = key0 + 16 * g;
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
+            wmma::fill_fragment(sf, 0.f);
+            if (t0 <= pos_last) {
+                const __nv_bfloat16* kb = layer + (u64)table[t0 / block_size] * 2 * block_size * kv_dim
+                                          + (u64)(t0 % block_size) * kv_dim + kv_head * head_dim;
+                // Unrolled with a constant bound: a run-time index would move qf to local memory.
+#pragma unroll
+                for (int c = 0; c < FA_HD_MAX / 16; c++) {
+                    if (c < (int)n_chunks) {
+                        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> kf;
+                        wmma::load_matrix_sync(kf, kb + c * 16, kv_dim);
+                        wmma::mma_sync(sf, qf[c], kf, sf);
+                    }
+                }
+            }
+            wmma::store_matrix_sync(s_s[warp] + 16 * g, sf, FA_KEYS, wmma::mem_row_major);
+        }
+        __syncwarp();
+        // Online softmax of row my_row over this step's keys; each lane of the pair takes 16 columns.
+        float s_local[16];
+        float mx = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            u32 col = half * 16 + j, t = key0 + col;
+            float v = (my_row < n_rows && t <= my_pos) ? s_s[warp][my_row * FA_KEYS + col] * scale : NEG_INF;
+            s_local[j] = v;
+            mx = fmaxf(mx, v);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        float m_new = fmaxf(m, mx);
+        float correction = m_new == NEG_INF ? 1.f : __expf(m - m_new);
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            float p = s_local[j] == NEG_INF ? 0.f : __expf(s_local[j] - m_new);
+            sum += p;
+            s_p[warp][my_row * FA_KEYS + half * 16 + j] = __float2bfloat16(p);
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        l = l * correction + sum;
+        m = m_new;
+        // Rescale this row's output accumulator.
+        for (u32 d = half; d < head_dim; d += 2) o[my_row * head_dim + d] *= correction;
+        __syncwarp();
+        // O += P V over the two 16-key groups, chunk by chunk of head_dim.
+        for (u32 c = 0; c < n_chunks; c++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> of;
+            wmma::load_matrix_sync(of, o + c * 16, head_dim, wmma::mem_row_major);
+#pragma unroll
+            for (int g = 0; g < FA_KEYS / 16; g++) {
+                u32 t0 = key0 + 16 * g;
+                if (t0 > pos_last) continue;
+                const __nv_bfloat16* vb = layer + (u64)table[t0 / block_size] * 2 * block_size * kv_dim
+                                          + (u64)(block_size + t0 % block_size) * kv_dim + kv_head * head_dim;
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> pf;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> vf;
+                wmma::load_matrix_sync(pf, s_p[warp] + 16 * g, FA_KEYS);
+                wmma::load_matrix_sync(vf, vb + c * 16, kv_dim);
+                wmma::mma_sync(of, pf, vf, of);
+            }
+            wmma::store_matrix_sync(o + c * 16, of, head_dim, wmma::mem_row_major);
+        }
+        __syncwarp();
+    }
+    if (my_row < n_rows) {
+        float inv = 1.f / l;
+        __nv_bfloat16* orow = out + (u64)(q_row0 + my_row) * q_stride + head * head_dim;
+        for (u32 d = half; d < head_dim; d += 2) orow[d] = __float2bfloat16(o[my_row * head_dim + d] * inv);
+    }
 }
 
 // Greedy sampling on the device: argmax of each logits row (lowest id wins ties).  grid: rows, block: 1024

@@ -149,6 +149,11 @@ pub struct CudaBatch {
     seq_meta: DeviceBuffer,
     block_tables: DeviceBuffer,
     logit_rows: DeviceBuffer,
+    /// Query tiles of up to 64 rows of one sequence, for the tensor-core prefill kernel: (seq, first row, rows, 0).
+    prefill_tiles: DeviceBuffer,
+    n_prefill_tiles: usize,
+    /// Longest run of new tokens of one sequence in the step.
+    q_len_max: usize,
     n_tokens: usize,
     n_logit_rows: usize,
 }
@@ -281,7 +286,7 @@ impl CudaBackend {
             .iter()
             .map(|n| format!("{n}_{}", elem.suffix()))
             .chain((1..=8).map(|g| format!("attention_gqa{g}_{}", elem.suffix())))
-            .chain(["argmax_f32".into(), "copy_u128".into()]);
+            .chain(["argmax_f32".into(), "copy_u128".into(), "flash_prefill_bf16".into()]);
         for name in names {
             let f = module
                 .load_function(&name)
@@ -475,6 +480,9 @@ impl CudaBackend {
 
 const NOISE_BYTES: usize = 1 << 20;
 
+/// Query rows per block of `flash_prefill_bf16` (FA_WARPS × 16 in kernels.cu).
+const FA_TILE_ROWS: usize = 64;
+
 enum Scalar {
     U32(u32),
     U64(u64),
@@ -567,7 +575,16 @@ impl Backend for CudaBackend {
         let mut seq_of_row = vec![0u32; step.n_tokens()];
         let mut seq_meta = Vec::with_capacity(step.seqs.len() * 4);
         let mut block_tables: Vec<u32> = Vec::new();
+        let mut tiles: Vec<u32> = Vec::new();
         for (s, seq) in step.seqs.iter().enumerate() {
+            for first in (0..seq.q_len).step_by(FA_TILE_ROWS) {
+                tiles.extend([
+                    s as u32,
+                    seq.q_start + first,
+                    (seq.q_len - first).min(FA_TILE_ROWS as u32),
+                    0,
+                ]);
+            }
             seq_of_row[seq.q_start as usize..(seq.q_start + seq.q_len) as usize].fill(s as u32);
             seq_meta.extend([seq.q_start, seq.q_len, seq.context_len, block_tables.len() as u32]);
             block_tables.extend(&seq.block_table);
@@ -580,6 +597,9 @@ impl Backend for CudaBackend {
             seq_meta: self.upload(&seq_meta)?,
             block_tables: self.upload(&block_tables)?,
             logit_rows: self.upload(&step.logit_rows)?,
+            prefill_tiles: self.upload(&tiles)?,
+            n_prefill_tiles: tiles.len() / 4,
+            q_len_max: step.seqs.iter().map(|s| s.q_len as usize).max().unwrap_or(0),
             n_tokens: step.n_tokens(),
             n_logit_rows: step.logit_rows.len(),
         })
@@ -729,6 +749,40 @@ impl Backend for CudaBackend {
             "the CUDA attention kernel supports head_dim up to 256"
         );
         let layer = cache.layer_ptr(layer_idx);
+        // Prefill in bf16 runs on tensor cores; decode (one row per sequence) on the flash-decoding kernels below.
+        let flash = self.elem == Elem::BF16
+            && batch.q_len_max >= 16
+            && shape.head_dim % 16 == 0
+            && shape.head_dim <= 128
+            && cache.layout.block_size % 16 == 0;
+        if flash {
+            let cfg = LaunchConfig {
+                grid_dim: (batch.n_prefill_tiles as u32, shape.n_heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                "flash_prefill_bf16",
+                &self.functions["flash_prefill_bf16"],
+                cfg,
+                &[
+                    &out.buf.ptr,
+                    &q.buf.ptr,
+                    &layer,
+                    &batch.prefill_tiles.ptr,
+                    &batch.seq_meta.ptr,
+                    &batch.block_tables.ptr,
+                ],
+                &[
+                    Scalar::U32(shape.n_heads as u32),
+                    Scalar::U32(shape.n_kv_heads as u32),
+                    Scalar::U32(shape.head_dim as u32),
+                    Scalar::U32(cache.layout.block_size as u32),
+                    Scalar::F32(shape.scale),
+                ],
+            );
+            return;
+        }
         // Query heads sharing a kv head run in one block, reading K and V once (head_dim up to 128).
         let group = shape.n_heads / shape.n_kv_heads;
         let gqa = shape.head_dim <= 128 && (1..=8).contains(&group);
