@@ -5,22 +5,20 @@ use crate::backend::{AttentionShape, Backend, KvLayout, StepBatch};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::rope::Rope;
-use crate::weights::WeightSource;
+use crate::weights::{HostTensor, WeightSource};
 
-/// One decoder layer's weights. Shapes as in the Hugging Face checkpoint (`nn.Linear` stores `(out, in)`).
+/// One decoder layer's weights, `nn.Linear`-style `(out, in)`. q, k and v are stacked into one matrix, and gate and
+/// up into another, so each pair or triple is one matrix product.
 pub struct Layer<W> {
-    pub input_norm: W,            // (hidden)
-    pub q_proj: W,                // (n_heads * head_dim, hidden)
-    pub k_proj: W,                // (n_kv_heads * head_dim, hidden)
-    pub v_proj: W,                // (n_kv_heads * head_dim, hidden)
-    pub qkv_bias: Option<[W; 3]>, // (q_dim), (kv_dim), (kv_dim)
-    pub qk_norm: Option<[W; 2]>,  // (head_dim), (head_dim)
-    pub o_proj: W,                // (hidden, n_heads * head_dim)
-    pub o_bias: Option<W>,        // (hidden)
-    pub post_attention_norm: W,   // (hidden)
-    pub gate_proj: W,             // (intermediate, hidden)
-    pub up_proj: W,               // (intermediate, hidden)
-    pub down_proj: W,             // (hidden, intermediate)
+    pub input_norm: W,           // (hidden)
+    pub qkv_proj: W,             // (q_dim + 2 * kv_dim, hidden): rows q, then k, then v
+    pub qkv_bias: Option<W>,     // (q_dim + 2 * kv_dim)
+    pub qk_norm: Option<[W; 2]>, // (head_dim), (head_dim)
+    pub o_proj: W,               // (hidden, q_dim)
+    pub o_bias: Option<W>,       // (hidden)
+    pub post_attention_norm: W,  // (hidden)
+    pub gate_up_proj: W,         // (2 * intermediate, hidden): rows gate, then up
+    pub down_proj: W,            // (hidden, intermediate)
 }
 
 pub struct Model<B: Backend> {
@@ -44,20 +42,36 @@ impl<B: Backend> Model<B> {
             config.head_dim,
         );
         let get = |name: &str, shape: &[usize]| backend.weight(source.tensor(name, shape)?);
+        let stacked = |names: &[(String, usize)], cols: &[usize]| -> Result<B::Weight> {
+            let parts = names
+                .iter()
+                .map(|(name, rows)| source.tensor(name, &[&[*rows][..], cols].concat()))
+                .collect::<Result<Vec<_>>>()?;
+            backend.weight(HostTensor::stack_rows(parts))
+        };
         let mut layers = Vec::with_capacity(config.n_layers);
         for i in 0..config.n_layers {
             let p = format!("model.layers.{i}");
+            let attn = |proj: &str, suffix: &str, rows: usize| (format!("{p}.self_attn.{proj}_proj.{suffix}"), rows);
             layers.push(Layer {
                 input_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                q_proj: get(&format!("{p}.self_attn.q_proj.weight"), &[q_dim, h])?,
-                k_proj: get(&format!("{p}.self_attn.k_proj.weight"), &[kv_dim, h])?,
-                v_proj: get(&format!("{p}.self_attn.v_proj.weight"), &[kv_dim, h])?,
+                qkv_proj: stacked(
+                    &[
+                        attn("q", "weight", q_dim),
+                        attn("k", "weight", kv_dim),
+                        attn("v", "weight", kv_dim),
+                    ],
+                    &[h],
+                )?,
                 qkv_bias: match config.qkv_bias {
-                    true => Some([
-                        get(&format!("{p}.self_attn.q_proj.bias"), &[q_dim])?,
-                        get(&format!("{p}.self_attn.k_proj.bias"), &[kv_dim])?,
-                        get(&format!("{p}.self_attn.v_proj.bias"), &[kv_dim])?,
-                    ]),
+                    true => Some(stacked(
+                        &[
+                            attn("q", "bias", q_dim),
+                            attn("k", "bias", kv_dim),
+                            attn("v", "bias", kv_dim),
+                        ],
+                        &[],
+                    )?),
                     false => None,
                 },
                 qk_norm: match config.qk_norm {
@@ -73,8 +87,13 @@ impl<B: Backend> Model<B> {
                     false => None,
                 },
                 post_attention_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate_proj: get(&format!("{p}.mlp.gate_proj.weight"), &[inter, h])?,
-                up_proj: get(&format!("{p}.mlp.up_proj.weight"), &[inter, h])?,
+                gate_up_proj: stacked(
+                    &[
+                        (format!("{p}.mlp.gate_proj.weight"), inter),
+                        (format!("{p}.mlp.up_proj.weight"), inter),
+                    ],
+                    &[h],
+                )?,
                 down_proj: get(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
             });
         }
@@ -104,12 +123,24 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// Runs one step: writes the new tokens' K and V into the cache and returns the logits `(logit_rows, vocab)`.
+    /// Runs one step: writes the new tokens' K and V into the cache and returns the logits `(logit_rows, vocab)`
+    /// (a backend replaying a captured step may return padding rows after them).
     pub fn forward(&self, backend: &B, cache: &mut B::KvCache, step: &StepBatch) -> Result<B::Tensor> {
+        backend.run_step(step, &mut |batch| {
+            self.forward_batch(backend, cache, batch, step.logit_rows.len())
+        })
+    }
+
+    fn forward_batch(
+        &self,
+        backend: &B,
+        cache: &mut B::KvCache,
+        batch: &B::Batch,
+        n_logit_rows: usize,
+    ) -> Result<B::Tensor> {
         let c = &self.config;
         let eps = c.rms_norm_eps as f32;
-        let n = step.n_tokens();
-        let batch = backend.batch(step)?;
+        let n = backend.batch_tokens(batch);
         let attn_shape = AttentionShape {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
@@ -118,55 +149,42 @@ impl<B: Backend> Model<B> {
         };
         let t = |cols: usize| backend.tensor(n, cols);
         let (mut x, mut h) = (t(c.hidden_size)?, t(c.hidden_size)?); // (n, hidden)
-        let (mut q, mut k, mut v) = (t(c.q_dim())?, t(c.kv_dim())?, t(c.kv_dim())?);
-        let (mut attn, mut o) = (t(c.q_dim())?, t(c.hidden_size)?);
-        let (mut gate, mut up, mut act) = (
-            t(c.intermediate_size)?,
-            t(c.intermediate_size)?,
-            t(c.intermediate_size)?,
-        );
+        let (mut qkv, mut q, mut attn) = (t(c.q_dim() + 2 * c.kv_dim())?, t(c.q_dim())?, t(c.q_dim())?);
+        let mut o = t(c.hidden_size)?;
+        let (mut gate_up, mut act) = (t(2 * c.intermediate_size)?, t(c.intermediate_size)?);
 
-        backend.embed(&mut x, &self.embed_tokens, &batch);
+        // x = embed(tokens);  h = rms_norm(x)
+        backend.embed(&mut x, &self.embed_tokens, batch);
+        backend.rms_norm(&mut h, &x, &self.layers[0].input_norm, eps);
         for (layer_idx, layer) in self.layers.iter().enumerate() {
-            // x = x + o_proj(attention(rope(q_proj(h)), rope(k_proj(h)), v_proj(h))),  h = rms_norm(x)
-            backend.rms_norm(&mut h, &x, &layer.input_norm, eps);
-            let [q_bias, k_bias, v_bias] = match &layer.qkv_bias {
-                Some([qb, kb, vb]) => [Some(qb), Some(kb), Some(vb)],
-                None => [None, None, None],
-            };
-            backend.linear(&mut q, &h, &layer.q_proj, q_bias);
-            backend.linear(&mut k, &h, &layer.k_proj, k_bias);
-            backend.linear(&mut v, &h, &layer.v_proj, v_bias);
-            if let Some([q_norm, k_norm]) = &layer.qk_norm {
-                backend.head_rms_norm(&mut q, c.head_dim, q_norm, eps);
-                backend.head_rms_norm(&mut k, c.head_dim, k_norm, eps);
-            }
-            backend.rope(&mut q, c.head_dim, &self.rope, &batch);
-            backend.rope(&mut k, c.head_dim, &self.rope, &batch);
-            backend.write_kv(cache, layer_idx, &k, &v, &batch);
-            backend.attention(&mut attn, &q, cache, layer_idx, attn_shape, &batch);
+            // q, k, v = h · [W_q; W_k; W_v]ᵀ;  q, k = rope(q, k);  cache ← k, v
+            backend.linear(&mut qkv, &h, &layer.qkv_proj, layer.qkv_bias.as_ref());
+            let qk_norm = layer.qk_norm.as_ref().map(|[qn, kn]| (qn, kn, eps));
+            backend.qkv_rope_kv(&mut q, &qkv, cache, layer_idx, &self.rope, qk_norm, attn_shape, batch);
+            // x = x + o_proj(attention(q, cache));  h = rms_norm(x)
+            backend.attention(&mut attn, &q, cache, layer_idx, attn_shape, batch);
             backend.linear(&mut o, &attn, &layer.o_proj, layer.o_bias.as_ref());
-            backend.add_assign(&mut x, &o);
+            backend.add_rms_norm(&mut x, &o, &layer.post_attention_norm, eps, &mut h);
 
-            // x = x + down_proj(silu(gate_proj(h)) * up_proj(h)),  h = rms_norm(x)
-            backend.rms_norm(&mut h, &x, &layer.post_attention_norm, eps);
-            backend.linear(&mut gate, &h, &layer.gate_proj, None);
-            backend.linear(&mut up, &h, &layer.up_proj, None);
-            backend.silu_mul(&mut act, &gate, &up);
+            // x = x + down_proj(silu(gate_proj(h)) * up_proj(h));  h = rms_norm(x) with the next layer's weight
+            backend.linear(&mut gate_up, &h, &layer.gate_up_proj, None);
+            backend.silu_mul(&mut act, &gate_up);
             backend.linear(&mut o, &act, &layer.down_proj, None);
-            backend.add_assign(&mut x, &o);
+            let next_norm = self
+                .layers
+                .get(layer_idx + 1)
+                .map_or(&self.norm, |next| &next.input_norm);
+            backend.add_rms_norm(&mut x, &o, next_norm, eps, &mut h);
         }
 
         // logits = lm_head(rms_norm(x)) for the rows that sample.
-        let n_out = step.logit_rows.len();
+        let n_out = n_logit_rows;
         let mut last = backend.tensor(n_out, c.hidden_size)?;
-        backend.gather_logit_rows(&mut last, &x, &batch);
-        let mut last_normed = backend.tensor(n_out, c.hidden_size)?;
-        backend.rms_norm(&mut last_normed, &last, &self.norm, eps);
+        backend.gather_logit_rows(&mut last, &h, batch);
         let mut logits = backend.tensor(n_out, c.vocab_size)?;
         backend.linear(
             &mut logits,
-            &last_normed,
+            &last,
             self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
             None,
         );

@@ -27,6 +27,28 @@ pub struct HostTensor {
 }
 
 impl HostTensor {
+    /// Stacks tensors with the same trailing shape along their first axis (1-D tensors end to end). Mixed element
+    /// types are widened to f32.
+    pub fn stack_rows(parts: Vec<HostTensor>) -> HostTensor {
+        let mut shape = parts[0].shape.clone();
+        shape[0] = parts.iter().map(|p| p.shape[0]).sum();
+        let all_bf16 = parts.iter().all(|p| matches!(p.data, HostData::BF16(_)));
+        let data = if all_bf16 {
+            HostData::BF16(
+                parts
+                    .into_iter()
+                    .flat_map(|p| match p.data {
+                        HostData::BF16(v) => v,
+                        HostData::F32(_) => unreachable!("checked above"),
+                    })
+                    .collect(),
+            )
+        } else {
+            HostData::F32(parts.iter().flat_map(HostTensor::to_f32).collect())
+        };
+        HostTensor { shape, data }
+    }
+
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.data {
             HostData::F32(v) => v.clone(),

@@ -120,6 +120,10 @@ impl Backend for CpuBackend {
         Ok(step.clone())
     }
 
+    fn batch_tokens(&self, batch: &StepBatch) -> usize {
+        batch.n_tokens()
+    }
+
     fn tensor(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
         Ok(CpuTensor {
             rows,
@@ -154,12 +158,16 @@ impl Backend for CpuBackend {
             .for_each(|(o, xr)| rms_norm_row(o, xr, &w, eps));
     }
 
-    fn head_rms_norm(&self, x: &mut CpuTensor, head_dim: usize, weight: &CpuWeight, eps: f32) {
+    fn add_rms_norm(&self, x: &mut CpuTensor, y: &CpuTensor, weight: &CpuWeight, eps: f32, out: &mut CpuTensor) {
         let w = weight.to_f32_vec();
-        x.data.par_chunks_mut(head_dim).for_each(|head| {
-            let input = head.to_vec();
-            rms_norm_row(head, &input, &w, eps);
-        });
+        out.data
+            .par_chunks_mut(x.cols)
+            .zip(x.data.par_chunks_mut(x.cols))
+            .zip(y.data.par_chunks(y.cols))
+            .for_each(|((o, xr), yr)| {
+                xr.iter_mut().zip(yr).for_each(|(a, b)| *a += b);
+                rms_norm_row(o, xr, &w, eps);
+            });
     }
 
     fn linear(&self, out: &mut CpuTensor, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) {
@@ -176,42 +184,49 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn rope(&self, x: &mut CpuTensor, head_dim: usize, rope: &Rope, batch: &StepBatch) {
-        let half = head_dim / 2;
-        let cols = x.cols;
-        x.data
-            .par_chunks_mut(cols)
+    fn qkv_rope_kv(
+        &self,
+        q: &mut CpuTensor,
+        qkv: &CpuTensor,
+        cache: &mut CpuKvCache,
+        layer_idx: usize,
+        rope: &Rope,
+        qk_norm: Option<(&CpuWeight, &CpuWeight, f32)>,
+        shape: AttentionShape,
+        batch: &StepBatch,
+    ) {
+        let (hd, q_dim) = (shape.head_dim, shape.n_heads * shape.head_dim);
+        let kv_dim = shape.n_kv_heads * hd;
+        let norms = qk_norm.map(|(qn, kn, eps)| (qn.to_f32_vec(), kn.to_f32_vec(), eps));
+        // Rotate q and k in a copy of each row, then scatter: q to `q`, k and v to the cache.
+        let mut rows = qkv.data.clone();
+        rows.par_chunks_mut(qkv.cols)
             .zip(&batch.positions)
             .for_each(|(row, &pos)| {
-                // The angle is formed in f32 as Hugging Face does (`inv_freq.float() @ position_ids.float()`).
-                let (cos, sin): (Vec<f32>, Vec<f32>) = rope
-                    .inv_freq
-                    .iter()
-                    .map(|&f| (pos as f32 * f).sin_cos())
-                    .map(|(s, c)| (c, s))
-                    .unzip();
-                for head in row.chunks_exact_mut(head_dim) {
-                    let (x1, x2) = head.split_at_mut(half);
-                    for i in 0..half {
-                        let (a, b) = (x1[i], x2[i]);
-                        x1[i] = a * cos[i] - b * sin[i];
-                        x2[i] = b * cos[i] + a * sin[i];
+                let (q_part, rest) = row.split_at_mut(q_dim);
+                let k_part = &mut rest[..kv_dim];
+                if let Some((qn, kn, eps)) = &norms {
+                    for (part, w) in [(&mut *q_part, qn), (&mut *k_part, kn)] {
+                        for head in part.chunks_exact_mut(hd) {
+                            let input = head.to_vec();
+                            rms_norm_row(head, &input, w, *eps);
+                        }
                     }
                 }
+                rope_row(q_part, hd, pos, &rope.inv_freq);
+                rope_row(k_part, hd, pos, &rope.inv_freq);
             });
-    }
-
-    fn write_kv(&self, cache: &mut CpuKvCache, layer_idx: usize, k: &CpuTensor, v: &CpuTensor, batch: &StepBatch) {
         let layout = cache.layout;
-        let (bs, kv_dim) = (layout.block_size, layout.kv_dim());
+        let bs = layout.block_size;
         let layer = &mut cache.layers[layer_idx];
-        for (t, &slot) in batch.slots.iter().enumerate() {
-            let (block, offset) = (slot as usize / bs, slot as usize % bs);
-            let base = block * layout.block_elems();
-            let k_at = base + offset * kv_dim;
-            let v_at = base + (bs + offset) * kv_dim;
-            layer[k_at..k_at + kv_dim].copy_from_slice(k.row(t));
-            layer[v_at..v_at + kv_dim].copy_from_slice(v.row(t));
+        for (t, row) in rows.chunks_exact(qkv.cols).enumerate() {
+            q.data[t * q_dim..(t + 1) * q_dim].copy_from_slice(&row[..q_dim]);
+            let slot = batch.slots[t] as usize;
+            let base = (slot / bs) * layout.block_elems();
+            let k_at = base + (slot % bs) * kv_dim;
+            let v_at = base + (bs + slot % bs) * kv_dim;
+            layer[k_at..k_at + kv_dim].copy_from_slice(&row[q_dim..q_dim + kv_dim]);
+            layer[v_at..v_at + kv_dim].copy_from_slice(&row[q_dim + kv_dim..q_dim + 2 * kv_dim]);
         }
     }
 
@@ -270,16 +285,17 @@ impl Backend for CpuBackend {
         });
     }
 
-    fn silu_mul(&self, out: &mut CpuTensor, gate: &CpuTensor, up: &CpuTensor) {
+    fn silu_mul(&self, out: &mut CpuTensor, gate_up: &CpuTensor) {
+        let inter = out.cols;
         out.data
-            .par_iter_mut()
-            .zip(&gate.data)
-            .zip(&up.data)
-            .for_each(|((o, &g), &u)| *o = g / (1.0 + (-g).exp()) * u);
-    }
-
-    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) {
-        x.data.par_iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+            .par_chunks_mut(inter)
+            .zip(gate_up.data.par_chunks(2 * inter))
+            .for_each(|(o, gu)| {
+                let (gate, up) = gu.split_at(inter);
+                for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            });
     }
 
     fn gather_logit_rows(&self, out: &mut CpuTensor, x: &CpuTensor, batch: &StepBatch) {
@@ -329,6 +345,25 @@ fn block_range(cache: &CpuKvCache, layer_idx: usize, block: u32, n_bytes: usize)
     }
     let start = block as usize * elems;
     Ok(start..start + elems)
+}
+
+/// Rotate-half RoPE of every `head_dim` slice of `row` at `pos`. The angle is formed in f32 as Hugging Face does
+/// (`inv_freq.float() @ position_ids.float()`).
+fn rope_row(row: &mut [f32], head_dim: usize, pos: u32, inv_freq: &[f32]) {
+    let half = head_dim / 2;
+    let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+        .iter()
+        .map(|&f| (pos as f32 * f).sin_cos())
+        .map(|(s, c)| (c, s))
+        .unzip();
+    for head in row.chunks_exact_mut(head_dim) {
+        let (x1, x2) = head.split_at_mut(half);
+        for i in 0..half {
+            let (a, b) = (x1[i], x2[i]);
+            x1[i] = a * cos[i] - b * sin[i];
+            x2[i] = b * cos[i] + a * sin[i];
+        }
+    }
 }
 
 fn rms_norm_row(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {

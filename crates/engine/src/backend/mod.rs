@@ -92,24 +92,37 @@ pub trait Backend: Send + Sync {
     fn kv_cache(&self, layout: &KvLayout) -> Result<Self::KvCache>;
     fn batch(&self, step: &StepBatch) -> Result<Self::Batch>;
     fn tensor(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// Token rows of an uploaded batch (a captured step's batch may be padded past the step's tokens).
+    fn batch_tokens(&self, batch: &Self::Batch) -> usize;
 
     /// `out[t] = table[token_ids[t]]`.
     fn embed(&self, out: &mut Self::Tensor, table: &Self::Weight, batch: &Self::Batch);
     /// `out = x / sqrt(mean(x²) + eps) * weight`, row by row.
     fn rms_norm(&self, out: &mut Self::Tensor, x: &Self::Tensor, weight: &Self::Weight, eps: f32);
-    /// RMSNorm of each `head_dim` slice of each row, in place (Qwen3's q/k norm).
-    fn head_rms_norm(&self, x: &mut Self::Tensor, head_dim: usize, weight: &Self::Weight, eps: f32);
+    /// `x += y`, then `out = rms_norm(x) * weight`: the residual add fused with the next layer's norm.
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Tensor,
+        y: &Self::Tensor,
+        weight: &Self::Weight,
+        eps: f32,
+        out: &mut Self::Tensor,
+    );
     /// `out = x · wᵀ (+ bias)`.
     fn linear(&self, out: &mut Self::Tensor, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>);
-    /// Rotates each `head_dim` slice of each row by its token's position (rotate-half convention).
-    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, rope: &Rope, batch: &Self::Batch);
-    /// Writes each token's k and v rows into its slot of layer `layer_idx`.
-    fn write_kv(
+    /// Splits each row of `qkv` (`[q heads | k heads | v heads]`), applies the per-head q/k RMSNorm when given
+    /// (Qwen3), rotates q and k by the token's position (rotate-half RoPE), writes q to `q` and k, v into the token's
+    /// slot of layer `layer_idx`.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_rope_kv(
         &self,
+        q: &mut Self::Tensor,
+        qkv: &Self::Tensor,
         cache: &mut Self::KvCache,
         layer_idx: usize,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
+        rope: &Rope,
+        qk_norm: Option<(&Self::Weight, &Self::Weight, f32)>,
+        shape: AttentionShape,
         batch: &Self::Batch,
     );
     /// Causal attention of each new token over its sequence's cached context (which includes the new tokens).
@@ -122,10 +135,8 @@ pub trait Backend: Send + Sync {
         shape: AttentionShape,
         batch: &Self::Batch,
     );
-    /// `out = silu(gate) * up`.
-    fn silu_mul(&self, out: &mut Self::Tensor, gate: &Self::Tensor, up: &Self::Tensor);
-    /// `x += y`.
-    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+    /// `out = silu(gate) * up` where each row of `gate_up` is `[gate | up]`.
+    fn silu_mul(&self, out: &mut Self::Tensor, gate_up: &Self::Tensor);
     /// `out[i] = x[batch.logit_rows[i]]`.
     fn gather_logit_rows(&self, out: &mut Self::Tensor, x: &Self::Tensor, batch: &Self::Batch);
     /// Copies a tensor to the host as f32, row-major.
@@ -137,6 +148,17 @@ pub trait Backend: Send + Sync {
     fn export_kv_block(&self, cache: &Self::KvCache, layer_idx: usize, block: u32, dst: &mut [u8]) -> Result<()>;
     /// Overwrites block `block` of layer `layer_idx` from `src` (as produced by `export_kv_block`).
     fn import_kv_block(&self, cache: &mut Self::KvCache, layer_idx: usize, block: u32, src: &[u8]) -> Result<()>;
+
+    /// Runs one step's `forward` over the batch built from `step`. Backends may replay a captured version instead
+    /// (the CUDA backend does for decode steps); the result then has at least `step.logit_rows.len()` rows, of
+    /// which the first are the step's.
+    fn run_step(
+        &self,
+        step: &StepBatch,
+        forward: &mut dyn FnMut(&Self::Batch) -> Result<Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        forward(&self.batch(step)?)
+    }
 
     /// Greedy token ids of each row of `logits`, picked where the logits live so that only ids cross to the host.
     /// `None` where the backend has no such path (the engine then samples on the host).

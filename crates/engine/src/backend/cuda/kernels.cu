@@ -58,47 +58,72 @@ template <typename T> __device__ void rms_norm(T* out, const T* x, const T* w, f
     for (u32 i = threadIdx.x; i < cols; i += blockDim.x) o[i] = from_f32<T>(to_f32(xr[i]) * inv * to_f32(w[i]));
 }
 
-// RMSNorm of each head_dim slice in place (Qwen3 q/k norm). One warp per head.  grid: n_heads_total/4, block: 128
-template <typename T> __device__ void head_rms_norm(T* x, const T* w, float eps, u32 head_dim, u32 n_heads_total) {
-    u32 head = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (head >= n_heads_total) return;
-    int lane = threadIdx.x & 31;
-    T* h = x + (u64)head * head_dim;
+// x += y, then out = x / sqrt(mean(x^2) + eps) * w: the residual add fused with the next norm.  grid: rows
+template <typename T> __device__ void add_rms_norm(T* x, const T* y, const T* w, T* out, float eps, u32 cols) {
+    T* xr = x + (u64)blockIdx.x * cols;
+    const T* yr = y + (u64)blockIdx.x * cols;
+    T* o = out + (u64)blockIdx.x * cols;
     float ss = 0.f;
-    for (u32 i = lane; i < head_dim; i += 32) { float v = to_f32(h[i]); ss += v * v; }
-    float inv = rsqrtf(warp_sum(ss) / head_dim + eps);
-    for (u32 i = lane; i < head_dim; i += 32) h[i] = from_f32<T>(to_f32(h[i]) * inv * to_f32(w[i]));
+    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) {
+        T sum = from_f32<T>(to_f32(xr[i]) + to_f32(yr[i]));  // the residual stream keeps T's precision
+        xr[i] = sum;
+        float v = to_f32(sum);
+        ss += v * v;
+    }
+    float inv = rsqrtf(block_sum(ss) / cols + eps);
+    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) o[i] = from_f32<T>(to_f32(xr[i]) * inv * to_f32(w[i]));
 }
 
-// Rotate-half RoPE in place. x: (n_tokens, n_heads * head_dim).  grid: n_tokens, block: 128
-template <typename T> __device__ void rope(T* x, const u32* positions, const float* inv_freq, u32 n_heads, u32 head_dim) {
-    u32 half = head_dim / 2;
-    T* row = x + (u64)blockIdx.x * n_heads * head_dim;
-    float pos = (float)positions[blockIdx.x];
-    for (u32 i = threadIdx.x; i < n_heads * half; i += blockDim.x) {
-        u32 h = i / half, j = i % half;
-        float s, c;
-        sincosf(pos * inv_freq[j], &s, &c);
-        T* head = row + h * head_dim;
-        float a = to_f32(head[j]), b = to_f32(head[j + half]);
-        head[j] = from_f32<T>(a * c - b * s);
-        head[j + half] = from_f32<T>(b * c + a * s);
+// Splits each row of qkv = [q heads | k heads | v heads]; applies the per-head q/k RMSNorm when q_norm is not null
+// (Qwen3); rotates q and k (rotate-half RoPE at the token's position); writes q to q_out and k, v into the token's
+// slot of one layer's cache. One warp per head.  grid: n_tokens, block: 128
+template <typename T>
+__device__ void qkv_rope_kv(T* q_out, const T* qkv, T* layer, const u32* positions, const u32* slots,
+                            const float* inv_freq, const T* q_norm, const T* k_norm, float eps, u32 n_heads,
+                            u32 n_kv_heads, u32 head_dim, u32 block_size) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    u32 t = blockIdx.x, half = head_dim / 2, kv_dim = n_kv_heads * head_dim;
+    const T* row = qkv + (u64)t * (n_heads + 2 * n_kv_heads) * head_dim;
+    u32 slot = slots[t];
+    T* k_dst = layer + (u64)(slot / block_size) * 2 * block_size * kv_dim + (u64)(slot % block_size) * kv_dim;
+    T* v_dst = k_dst + (u64)block_size * kv_dim;
+    float pos = (float)positions[t];
+    for (u32 hi = warp; hi < n_heads + 2 * n_kv_heads; hi += n_warps) {
+        const T* src = row + hi * head_dim;
+        if (hi >= n_heads + n_kv_heads) {  // v: copied as is
+            T* dst = v_dst + (hi - n_heads - n_kv_heads) * head_dim;
+            for (u32 d = lane; d < head_dim; d += 32) dst[d] = src[d];
+            continue;
+        }
+        bool is_q = hi < n_heads;
+        T* dst = is_q ? q_out + (u64)t * n_heads * head_dim + hi * head_dim : k_dst + (hi - n_heads) * head_dim;
+        const T* norm = is_q ? q_norm : k_norm;
+        float inv = 1.f;
+        if (norm != nullptr) {
+            float ss = 0.f;
+            for (u32 d = lane; d < head_dim; d += 32) { float v = to_f32(src[d]); ss += v * v; }
+            inv = rsqrtf(warp_sum(ss) / head_dim + eps);
+        }
+        for (u32 j = lane; j < half; j += 32) {
+            float a = to_f32(src[j]), b = to_f32(src[j + half]);
+            if (norm != nullptr) { a = a * inv * to_f32(norm[j]); b = b * inv * to_f32(norm[j + half]); }
+            float s, c;
+            sincosf(pos * inv_freq[j], &s, &c);
+            dst[j] = from_f32<T>(a * c - b * s);
+            dst[j + half] = from_f32<T>(b * c + a * s);
+        }
     }
 }
 
-template <typename T> __device__ void silu_mul(T* out, const T* gate, const T* up, u64 n) {
+// out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i]
+template <typename T> __device__ void silu_mul(T* out, const T* gate_up, u32 inter, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        float g = to_f32(gate[i]);
-        out[i] = from_f32<T>(g / (1.f + __expf(-g)) * to_f32(up[i]));
+        u64 r = i / inter, c = i % inter;
+        float g = to_f32(gate_up[r * 2 * inter + c]);
+        out[i] = from_f32<T>(g / (1.f + __expf(-g)) * to_f32(gate_up[r * 2 * inter + inter + c]));
     }
 }
 
-template <typename T> __device__ void add_assign(T* x, const T* y, u64 n) {
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        x[i] = from_f32<T>(to_f32(x[i]) + to_f32(y[i]));
-}
-
-// x[r, c] += bias[c]
 template <typename T> __device__ void add_bias(T* x, const T* bias, u64 n, u32 cols) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         x[i] = from_f32<T>(to_f32(x[i]) + to_f32(bias[i % cols]));
@@ -112,18 +137,6 @@ template <typename T> __device__ void gather_rows(T* out, const T* x, const u32*
 
 template <typename T> __device__ void to_float(float* out, const T* x, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) out[i] = to_f32(x[i]);
-}
-
-// Writes each token's k and v rows into its slot of one layer's cache.  grid: n_tokens, block: 128
-template <typename T> __device__ void write_kv(T* layer, const T* k, const T* v, const u32* slots, u32 kv_dim, u32 block_size) {
-    u32 slot = slots[blockIdx.x];
-    u64 base = (u64)(slot / block_size) * 2 * block_size * kv_dim;
-    u32 off = slot % block_size;
-    T* kd = layer + base + (u64)off * kv_dim;
-    T* vd = layer + base + (u64)(block_size + off) * kv_dim;
-    const T* ks = k + (u64)blockIdx.x * kv_dim;
-    const T* vs = v + (u64)blockIdx.x * kv_dim;
-    for (u32 i = threadIdx.x; i < kv_dim; i += blockDim.x) { kd[i] = ks[i]; vd[i] = vs[i]; }
 }
 
 // Paged causal attention, flash-decoding style. Block (row, head, split) has ATTN_WARPS warps and covers one
@@ -492,14 +505,15 @@ extern "C" __global__ void copy_u128(uint4* dst, const uint4* src, u64 n) {
 #define INSTANTIATE(SUFFIX, T)                                                                                        \
     extern "C" __global__ void embed_##SUFFIX(T* out, const T* table, const u32* ids, u32 cols) { embed(out, table, ids, cols); } \
     extern "C" __global__ void rms_norm_##SUFFIX(T* out, const T* x, const T* w, float eps, u32 cols) { rms_norm(out, x, w, eps, cols); } \
-    extern "C" __global__ void head_rms_norm_##SUFFIX(T* x, const T* w, float eps, u32 head_dim, u32 n) { head_rms_norm(x, w, eps, head_dim, n); } \
-    extern "C" __global__ void rope_##SUFFIX(T* x, const u32* p, const float* f, u32 nh, u32 hd) { rope(x, p, f, nh, hd); } \
-    extern "C" __global__ void silu_mul_##SUFFIX(T* o, const T* g, const T* u, u64 n) { silu_mul(o, g, u, n); } \
-    extern "C" __global__ void add_assign_##SUFFIX(T* x, const T* y, u64 n) { add_assign(x, y, n); }              \
+    extern "C" __global__ void add_rms_norm_##SUFFIX(T* x, const T* y, const T* w, T* o, float eps, u32 cols) { add_rms_norm(x, y, w, o, eps, cols); } \
+    extern "C" __global__ void qkv_rope_kv_##SUFFIX(T* q, const T* qkv, T* layer, const u32* p, const u32* s, const float* f, \
+                                                    const T* qn, const T* kn, float eps, u32 nh, u32 nkv, u32 hd, u32 bs) { \
+        qkv_rope_kv(q, qkv, layer, p, s, f, qn, kn, eps, nh, nkv, hd, bs);                                          \
+    }                                                                                                               \
+    extern "C" __global__ void silu_mul_##SUFFIX(T* o, const T* gu, u32 inter, u64 n) { silu_mul(o, gu, inter, n); } \
     extern "C" __global__ void add_bias_##SUFFIX(T* x, const T* b, u64 n, u32 cols) { add_bias(x, b, n, cols); }   \
     extern "C" __global__ void gather_rows_##SUFFIX(T* o, const T* x, const u32* r, u32 cols) { gather_rows(o, x, r, cols); } \
     extern "C" __global__ void to_float_##SUFFIX(float* o, const T* x, u64 n) { to_float(o, x, n); }             \
-    extern "C" __global__ void write_kv_##SUFFIX(T* layer, const T* k, const T* v, const u32* s, u32 kv_dim, u32 bs) { write_kv(layer, k, v, s, kv_dim, bs); } \
     extern "C" __global__ void attention_##SUFFIX(T* o, float* part, const T* q, const T* layer, const u32* sr, \
                                                   const uint4* sm, const u32* bt, u32 nh, u32 nkv, u32 hd, u32 bs, float scale) { \
         attention(o, part, q, layer, sr, sm, bt, nh, nkv, hd, bs, scale);                                           \

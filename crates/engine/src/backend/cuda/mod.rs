@@ -42,6 +42,8 @@ pub struct DeviceBuffer {
     ptr: CUdeviceptr,
     bytes: usize,
     allocator: Arc<Allocator>,
+    /// False for an alias of memory owned elsewhere (a graph's output), which must not be returned on drop.
+    recycle: bool,
 }
 
 impl DeviceBuffer {
@@ -52,6 +54,9 @@ impl DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
+        if !self.recycle {
+            return;
+        }
         self.allocator
             .free
             .lock()
@@ -98,6 +103,7 @@ impl Allocator {
             ptr,
             bytes,
             allocator: self.clone(),
+            recycle: true,
         })
     }
 }
@@ -134,6 +140,23 @@ pub struct CudaKvCache {
     pub layer_bytes: usize,
 }
 
+impl CudaTensor {
+    /// The same memory, not owned: dropping it leaves the buffer with its owner.
+    fn alias(&self) -> CudaTensor {
+        let buf = DeviceBuffer {
+            ptr: self.buf.ptr,
+            bytes: self.buf.bytes,
+            allocator: self.buf.allocator.clone(),
+            recycle: false,
+        };
+        CudaTensor {
+            buf,
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+}
+
 impl CudaKvCache {
     fn layer_ptr(&self, layer_idx: usize) -> u64 {
         self.pool.ptr() + (layer_idx * self.layer_bytes) as u64
@@ -142,20 +165,89 @@ impl CudaKvCache {
 
 /// One step's inputs, uploaded once.
 pub struct CudaBatch {
-    token_ids: DeviceBuffer,
-    positions: DeviceBuffer,
-    slots: DeviceBuffer,
-    seq_of_row: DeviceBuffer,
-    seq_meta: DeviceBuffer,
-    block_tables: DeviceBuffer,
-    logit_rows: DeviceBuffer,
+    token_ids: u64,
+    positions: u64,
+    slots: u64,
+    seq_of_row: u64,
+    seq_meta: u64,
+    block_tables: u64,
+    logit_rows: u64,
     /// Query tiles of up to 64 rows of one sequence, for the tensor-core prefill kernel: (seq, first row, rows, 0).
-    prefill_tiles: DeviceBuffer,
+    prefill_tiles: u64,
     n_prefill_tiles: usize,
     /// Longest run of new tokens of one sequence in the step.
     q_len_max: usize,
     n_tokens: usize,
     n_logit_rows: usize,
+    /// The buffers behind the pointers, when the batch owns them (a graph's batch points into the graph's).
+    _buffers: Vec<DeviceBuffer>,
+}
+
+/// A decode step captured as a CUDA graph for one batch-size bucket. Inputs live in buffers owned here, at the
+/// addresses the graph was captured with; each replay overwrites them first.
+struct DecodeGraph {
+    graph: cudarc::driver::CudaGraph,
+    inputs: GraphInputs,
+    /// The step's logits, written by every replay.
+    logits: CudaTensor,
+}
+
+/// All of a captured step's inputs in one buffer, so each replay needs one upload. u32 words, in this order:
+/// seq_meta (4 per row, first for 16-byte alignment), token ids, positions, slots, seq_of_row, logit rows, then
+/// `bucket × table_stride` block-table entries (row `i`'s table at `i × table_stride`).
+struct GraphInputs {
+    buf: DeviceBuffer,
+    bucket: usize,
+    table_stride: usize,
+}
+
+impl GraphInputs {
+    fn words(bucket: usize, table_stride: usize) -> usize {
+        9 * bucket + bucket * table_stride
+    }
+
+    fn batch(&self) -> CudaBatch {
+        let (b, base) = (self.bucket as u64, self.buf.ptr);
+        let at = |word: u64| base + 4 * word;
+        CudaBatch {
+            seq_meta: at(0),
+            token_ids: at(4 * b),
+            positions: at(5 * b),
+            slots: at(6 * b),
+            seq_of_row: at(7 * b),
+            logit_rows: at(8 * b),
+            block_tables: at(9 * b),
+            prefill_tiles: 0,
+            n_prefill_tiles: 0,
+            q_len_max: 1,
+            n_tokens: self.bucket,
+            n_logit_rows: self.bucket,
+            _buffers: Vec::new(),
+        }
+    }
+
+    /// The step's rows, then padding rows: token 0 at position 0, each its own one-token sequence in the scratch
+    /// block.
+    fn host_words(&self, step: &StepBatch, scratch_block: u32, block_size: u32) -> Vec<u32> {
+        let (b, stride) = (self.bucket, self.table_stride);
+        let mut w = vec![0u32; Self::words(b, stride)];
+        for i in 0..b {
+            let seq = step.seqs.get(i);
+            let context_len = seq.map_or(1, |s| s.context_len);
+            w[4 * i..4 * i + 4].copy_from_slice(&[i as u32, 1, context_len, (i * stride) as u32]);
+            w[4 * b + i] = step.token_ids.get(i).copied().unwrap_or(0);
+            w[5 * b + i] = step.positions.get(i).copied().unwrap_or(0);
+            w[6 * b + i] = step.slots.get(i).copied().unwrap_or(scratch_block * block_size);
+            w[7 * b + i] = i as u32;
+            w[8 * b + i] = i as u32;
+            let table = &mut w[9 * b + i * stride..9 * b + (i + 1) * stride];
+            match seq {
+                Some(s) => table[..s.block_table.len()].copy_from_slice(&s.block_table),
+                None => table[0] = scratch_block,
+            }
+        }
+        w
+    }
 }
 
 /// Element type of activations, KV cache and weights on the GPU.
@@ -206,6 +298,13 @@ pub struct CudaBackend {
     device_name: String,
     arch: String,
     n_sms: usize,
+    /// Decode graphs by batch-size bucket; `None` when disabled (`CLEAVE_CUDA_GRAPHS=0`).
+    graphs: Option<Mutex<HashMap<usize, DecodeGraph>>>,
+    /// The KV pool's scratch block (one past the engine's) and block size, set when the pool is allocated.
+    scratch_block: std::sync::atomic::AtomicU32,
+    block_size: std::sync::atomic::AtomicU32,
+    /// cuBLAS's workspace, set explicitly so that captured GEMMs never allocate.
+    _blas_workspace: DeviceBuffer,
 }
 
 // SAFETY: the backend is used from one thread at a time (the engine's); cudarc's handles are bound to the context
@@ -271,14 +370,12 @@ impl CudaBackend {
         let generic = [
             "embed",
             "rms_norm",
-            "head_rms_norm",
-            "rope",
+            "add_rms_norm",
+            "qkv_rope_kv",
             "silu_mul",
-            "add_assign",
             "add_bias",
             "gather_rows",
             "to_float",
-            "write_kv",
             "attention",
             "attention_merge",
         ];
@@ -301,6 +398,15 @@ impl CudaBackend {
             ctx: ctx.clone(),
             free: Mutex::new(HashMap::new()),
         });
+        let blas_workspace = allocator.alloc(BLAS_WORKSPACE_BYTES)?;
+        // SAFETY: the workspace outlives the handle (both fields of the backend; the handle is dropped first).
+        let status = unsafe {
+            cublas_sys::cublasSetWorkspace_v2(*blas.handle(), blas_workspace.ptr as *mut _, BLAS_WORKSPACE_BYTES)
+        };
+        if status != cublas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(err(format!("setting the cuBLAS workspace: {status:?}")));
+        }
+        let graphs = (std::env::var("CLEAVE_CUDA_GRAPHS").as_deref() != Ok("0")).then(|| Mutex::new(HashMap::new()));
         Ok(Self {
             ctx,
             stream,
@@ -313,6 +419,10 @@ impl CudaBackend {
             device_name,
             arch,
             n_sms,
+            graphs,
+            scratch_block: std::sync::atomic::AtomicU32::new(u32::MAX),
+            block_size: std::sync::atomic::AtomicU32::new(0),
+            _blas_workspace: blas_workspace,
         })
     }
 
@@ -480,6 +590,11 @@ impl CudaBackend {
 
 const NOISE_BYTES: usize = 1 << 20;
 
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// Largest decode batch run as a CUDA graph; larger ones run op by op (launch overhead matters less there).
+const GRAPH_BATCH_MAX: usize = 256;
+
 /// Query rows per block of `flash_prefill_bf16` (FA_WARPS × 16 in kernels.cu).
 const FA_TILE_ROWS: usize = 64;
 
@@ -558,7 +673,12 @@ impl Backend for CudaBackend {
     }
 
     fn kv_cache(&self, layout: &KvLayout) -> Result<CudaKvCache> {
-        let layer_bytes = layout.n_blocks * self.kv_block_bytes(layout);
+        // One block past the engine's: padding rows of graph-captured decode steps write their K and V there.
+        let layer_bytes = (layout.n_blocks + 1) * self.kv_block_bytes(layout);
+        self.scratch_block
+            .store(layout.n_blocks as u32, std::sync::atomic::Ordering::Relaxed);
+        self.block_size
+            .store(layout.block_size as u32, std::sync::atomic::Ordering::Relaxed);
         let pool = self.alloc(layer_bytes * layout.n_layers)?;
         // Zeroed so that a bug reading an unwritten slot shows as zeros, not as another request's data.
         driver("zeroing the KV pool", unsafe {
@@ -589,20 +709,112 @@ impl Backend for CudaBackend {
             seq_meta.extend([seq.q_start, seq.q_len, seq.context_len, block_tables.len() as u32]);
             block_tables.extend(&seq.block_table);
         }
+        let buffers = vec![
+            self.upload(&step.token_ids)?,
+            self.upload(&step.positions)?,
+            self.upload(&step.slots)?,
+            self.upload(&seq_of_row)?,
+            self.upload(&seq_meta)?,
+            self.upload(&block_tables)?,
+            self.upload(&step.logit_rows)?,
+            self.upload(&tiles)?,
+        ];
         Ok(CudaBatch {
-            token_ids: self.upload(&step.token_ids)?,
-            positions: self.upload(&step.positions)?,
-            slots: self.upload(&step.slots)?,
-            seq_of_row: self.upload(&seq_of_row)?,
-            seq_meta: self.upload(&seq_meta)?,
-            block_tables: self.upload(&block_tables)?,
-            logit_rows: self.upload(&step.logit_rows)?,
-            prefill_tiles: self.upload(&tiles)?,
+            token_ids: buffers[0].ptr,
+            positions: buffers[1].ptr,
+            slots: buffers[2].ptr,
+            seq_of_row: buffers[3].ptr,
+            seq_meta: buffers[4].ptr,
+            block_tables: buffers[5].ptr,
+            logit_rows: buffers[6].ptr,
+            prefill_tiles: buffers[7].ptr,
             n_prefill_tiles: tiles.len() / 4,
             q_len_max: step.seqs.iter().map(|s| s.q_len as usize).max().unwrap_or(0),
             n_tokens: step.n_tokens(),
             n_logit_rows: step.logit_rows.len(),
+            _buffers: buffers,
         })
+    }
+
+    fn batch_tokens(&self, batch: &CudaBatch) -> usize {
+        batch.n_tokens
+    }
+
+    /// Decode steps of up to GRAPH_BATCH_MAX sequences run as CUDA graphs, one per power-of-two batch bucket: the
+    /// first step of a bucket runs op by op and is captured; later ones upload their inputs and replay it, which
+    /// removes the per-kernel launch cost (hundreds of launches per step).
+    fn run_step(
+        &self,
+        step: &StepBatch,
+        forward: &mut dyn FnMut(&CudaBatch) -> Result<CudaTensor>,
+    ) -> Result<CudaTensor> {
+        use std::sync::atomic::Ordering;
+        let n = step.n_tokens();
+        let scratch_block = self.scratch_block.load(Ordering::Relaxed);
+        let decode = n > 0
+            && n <= GRAPH_BATCH_MAX
+            && scratch_block != u32::MAX
+            && step.logit_rows.len() == n
+            && step
+                .seqs
+                .iter()
+                .enumerate()
+                .all(|(i, s)| s.q_len == 1 && s.q_start as usize == i);
+        let (Some(graphs), true) = (&self.graphs, decode) else {
+            return forward(&self.batch(step)?);
+        };
+        let block_size = self.block_size.load(Ordering::Relaxed);
+        let bucket = n.next_power_of_two();
+        let table_len_max = step.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(1);
+        let mut graphs = graphs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(g) = graphs.get(&bucket) {
+            if g.inputs.table_stride >= table_len_max {
+                let words = g.inputs.host_words(step, scratch_block, block_size);
+                // SAFETY: the buffer holds GraphInputs::words(bucket, stride) words.
+                driver("uploading graph inputs", unsafe {
+                    cudarc::driver::result::memcpy_htod_async(g.inputs.buf.ptr, &words, self.stream.cu_stream())
+                })?;
+                driver("replaying the decode graph", g.graph.launch())?;
+                return Ok(g.logits.alias());
+            }
+            // Block tables outgrew the captured buffer: capture again with room to grow.
+            graphs.remove(&bucket);
+        }
+        let table_stride = table_len_max.next_power_of_two().max(64);
+        let inputs = GraphInputs {
+            buf: self.alloc(4 * GraphInputs::words(bucket, table_stride))?,
+            bucket,
+            table_stride,
+        };
+        let words = inputs.host_words(step, scratch_block, block_size);
+        // SAFETY: the buffer was sized for these words.
+        driver("uploading graph inputs", unsafe {
+            cudarc::driver::result::memcpy_htod_async(inputs.buf.ptr, &words, self.stream.cu_stream())
+        })?;
+        let batch = inputs.batch();
+        // This step runs for real; its replay is captured for the next steps of the bucket.
+        let out = forward(&batch)?;
+        driver(
+            "starting a graph capture",
+            self.stream
+                .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED),
+        )?;
+        let captured = forward(&batch);
+        let graph = self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        match (captured, graph) {
+            (Ok(logits), Ok(Some(graph))) => {
+                graphs.insert(bucket, DecodeGraph { graph, inputs, logits });
+            }
+            (captured, graph) => tracing::warn!(
+                bucket,
+                "capturing a decode graph failed ({:?}, {:?}); this bucket runs op by op",
+                captured.err(),
+                graph.err()
+            ),
+        }
+        Ok(out)
     }
 
     fn tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
@@ -619,7 +831,7 @@ impl Backend for CudaBackend {
             "embed",
             self.f("embed"),
             cfg,
-            &[&out.buf.ptr, &table.buf.ptr, &batch.token_ids.ptr],
+            &[&out.buf.ptr, &table.buf.ptr, &batch.token_ids],
             &[Scalar::U32(table.cols as u32)],
         );
     }
@@ -635,23 +847,14 @@ impl Backend for CudaBackend {
         );
     }
 
-    fn head_rms_norm(&self, x: &mut CudaTensor, head_dim: usize, weight: &CudaWeight, eps: f32) {
-        let n_heads_total = x.rows * x.cols / head_dim;
-        let cfg = LaunchConfig {
-            grid_dim: (n_heads_total.div_ceil(4) as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+    fn add_rms_norm(&self, x: &mut CudaTensor, y: &CudaTensor, weight: &CudaWeight, eps: f32, out: &mut CudaTensor) {
+        let cfg = Self::rows_cfg(x.rows, 1024.min(x.cols.next_multiple_of(32)) as u32);
         self.launch(
-            "head_rms_norm",
-            self.f("head_rms_norm"),
+            "add_rms_norm",
+            self.f("add_rms_norm"),
             cfg,
-            &[&x.buf.ptr, &weight.buf.ptr],
-            &[
-                Scalar::F32(eps),
-                Scalar::U32(head_dim as u32),
-                Scalar::U32(n_heads_total as u32),
-            ],
+            &[&x.buf.ptr, &y.buf.ptr, &weight.buf.ptr, &out.buf.ptr],
+            &[Scalar::F32(eps), Scalar::U32(x.cols as u32)],
         );
     }
 
@@ -704,32 +907,44 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn rope(&self, x: &mut CudaTensor, head_dim: usize, rope: &Rope, batch: &CudaBatch) {
+    fn qkv_rope_kv(
+        &self,
+        q: &mut CudaTensor,
+        qkv: &CudaTensor,
+        cache: &mut CudaKvCache,
+        layer_idx: usize,
+        rope: &Rope,
+        qk_norm: Option<(&CudaWeight, &CudaWeight, f32)>,
+        shape: AttentionShape,
+        batch: &CudaBatch,
+    ) {
         let mut table = self.rope_table.lock().unwrap_or_else(|e| e.into_inner());
         if table.as_ref().is_none_or(|(host, _)| host != &rope.inv_freq) {
             let buf = self.upload(&rope.inv_freq).expect("uploading the RoPE table");
             *table = Some((rope.inv_freq.clone(), buf));
         }
         let freq = &table.as_ref().expect("set above").1;
-        let n_heads = x.cols / head_dim;
-        self.launch(
-            "rope",
-            self.f("rope"),
-            Self::rows_cfg(batch.n_tokens, 128),
-            &[&x.buf.ptr, &batch.positions.ptr, &freq.ptr],
-            &[Scalar::U32(n_heads as u32), Scalar::U32(head_dim as u32)],
-        );
-    }
-
-    fn write_kv(&self, cache: &mut CudaKvCache, layer_idx: usize, k: &CudaTensor, v: &CudaTensor, batch: &CudaBatch) {
         let layer = cache.layer_ptr(layer_idx);
+        let (q_norm, k_norm, eps) = qk_norm.map_or((0, 0, 0.0), |(qn, kn, eps)| (qn.buf.ptr, kn.buf.ptr, eps));
         self.launch(
-            "write_kv",
-            self.f("write_kv"),
+            "qkv_rope_kv",
+            self.f("qkv_rope_kv"),
             Self::rows_cfg(batch.n_tokens, 128),
-            &[&layer, &k.buf.ptr, &v.buf.ptr, &batch.slots.ptr],
             &[
-                Scalar::U32(cache.layout.kv_dim() as u32),
+                &q.buf.ptr,
+                &qkv.buf.ptr,
+                &layer,
+                &batch.positions,
+                &batch.slots,
+                &freq.ptr,
+                &q_norm,
+                &k_norm,
+            ],
+            &[
+                Scalar::F32(eps),
+                Scalar::U32(shape.n_heads as u32),
+                Scalar::U32(shape.n_kv_heads as u32),
+                Scalar::U32(shape.head_dim as u32),
                 Scalar::U32(cache.layout.block_size as u32),
             ],
         );
@@ -752,9 +967,9 @@ impl Backend for CudaBackend {
         // Prefill in bf16 runs on tensor cores; decode (one row per sequence) on the flash-decoding kernels below.
         let flash = self.elem == Elem::BF16
             && batch.q_len_max >= 16
-            && shape.head_dim % 16 == 0
+            && shape.head_dim.is_multiple_of(16)
             && shape.head_dim <= 128
-            && cache.layout.block_size % 16 == 0;
+            && cache.layout.block_size.is_multiple_of(16);
         if flash {
             let cfg = LaunchConfig {
                 grid_dim: (batch.n_prefill_tiles as u32, shape.n_heads as u32, 1),
@@ -769,9 +984,9 @@ impl Backend for CudaBackend {
                     &out.buf.ptr,
                     &q.buf.ptr,
                     &layer,
-                    &batch.prefill_tiles.ptr,
-                    &batch.seq_meta.ptr,
-                    &batch.block_tables.ptr,
+                    &batch.prefill_tiles,
+                    &batch.seq_meta,
+                    &batch.block_tables,
                 ],
                 &[
                     Scalar::U32(shape.n_heads as u32),
@@ -821,9 +1036,9 @@ impl Backend for CudaBackend {
                 &partial_ptr,
                 &q.buf.ptr,
                 &layer,
-                &batch.seq_of_row.ptr,
-                &batch.seq_meta.ptr,
-                &batch.block_tables.ptr,
+                &batch.seq_of_row,
+                &batch.seq_meta,
+                &batch.block_tables,
             ],
             &dims,
         );
@@ -847,25 +1062,14 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn silu_mul(&self, out: &mut CudaTensor, gate: &CudaTensor, up: &CudaTensor) {
-        let n = gate.rows * gate.cols;
+    fn silu_mul(&self, out: &mut CudaTensor, gate_up: &CudaTensor) {
+        let n = out.rows * out.cols;
         self.launch(
             "silu_mul",
             self.f("silu_mul"),
             Self::grid_stride(n),
-            &[&out.buf.ptr, &gate.buf.ptr, &up.buf.ptr],
-            &[Scalar::U64(n as u64)],
-        );
-    }
-
-    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) {
-        let n = x.rows * x.cols;
-        self.launch(
-            "add_assign",
-            self.f("add_assign"),
-            Self::grid_stride(n),
-            &[&x.buf.ptr, &y.buf.ptr],
-            &[Scalar::U64(n as u64)],
+            &[&out.buf.ptr, &gate_up.buf.ptr],
+            &[Scalar::U32(out.cols as u32), Scalar::U64(n as u64)],
         );
     }
 
@@ -877,7 +1081,7 @@ impl Backend for CudaBackend {
             "gather_rows",
             self.f("gather_rows"),
             Self::rows_cfg(batch.n_logit_rows, 256),
-            &[&out.buf.ptr, &x.buf.ptr, &batch.logit_rows.ptr],
+            &[&out.buf.ptr, &x.buf.ptr, &batch.logit_rows],
             &[Scalar::U32(x.cols as u32)],
         );
     }
