@@ -226,28 +226,32 @@ impl GraphInputs {
         }
     }
 
-    /// The step's rows, then padding rows: token 0 at position 0, each its own one-token sequence in the scratch
-    /// block.
     fn host_words(&self, step: &StepBatch, scratch_block: u32, block_size: u32) -> Vec<u32> {
-        let (b, stride) = (self.bucket, self.table_stride);
-        let mut w = vec![0u32; Self::words(b, stride)];
-        for i in 0..b {
-            let seq = step.seqs.get(i);
-            let context_len = seq.map_or(1, |s| s.context_len);
-            w[4 * i..4 * i + 4].copy_from_slice(&[i as u32, 1, context_len, (i * stride) as u32]);
-            w[4 * b + i] = step.token_ids.get(i).copied().unwrap_or(0);
-            w[5 * b + i] = step.positions.get(i).copied().unwrap_or(0);
-            w[6 * b + i] = step.slots.get(i).copied().unwrap_or(scratch_block * block_size);
-            w[7 * b + i] = i as u32;
-            w[8 * b + i] = i as u32;
-            let table = &mut w[9 * b + i * stride..9 * b + (i + 1) * stride];
-            match seq {
-                Some(s) => table[..s.block_table.len()].copy_from_slice(&s.block_table),
-                None => table[0] = scratch_block,
-            }
-        }
-        w
+        graph_input_words(step, self.bucket, self.table_stride, scratch_block, block_size)
     }
+}
+
+/// A captured step's input words (layout in [`GraphInputs`]): the step's rows, then padding rows — token 0 at position
+/// 0, each its own one-token sequence in the scratch block.
+fn graph_input_words(step: &StepBatch, bucket: usize, stride: usize, scratch_block: u32, block_size: u32) -> Vec<u32> {
+    let b = bucket;
+    let mut w = vec![0u32; GraphInputs::words(b, stride)];
+    for i in 0..b {
+        let seq = step.seqs.get(i);
+        let context_len = seq.map_or(1, |s| s.context_len);
+        w[4 * i..4 * i + 4].copy_from_slice(&[i as u32, 1, context_len, (i * stride) as u32]);
+        w[4 * b + i] = step.token_ids.get(i).copied().unwrap_or(0);
+        w[5 * b + i] = step.positions.get(i).copied().unwrap_or(0);
+        w[6 * b + i] = step.slots.get(i).copied().unwrap_or(scratch_block * block_size);
+        w[7 * b + i] = i as u32;
+        w[8 * b + i] = i as u32;
+        let table = &mut w[9 * b + i * stride..9 * b + (i + 1) * stride];
+        match seq {
+            Some(s) => table[..s.block_table.len()].copy_from_slice(&s.block_table),
+            None => table[0] = scratch_block,
+        }
+    }
+    w
 }
 
 /// Element type of activations, KV cache and weights on the GPU.
@@ -1166,5 +1170,58 @@ impl CudaBackend {
             )));
         }
         Ok(cache.layer_ptr(layer_idx) + (block as usize * block_bytes) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::SeqSlice;
+
+    /// The host side of a captured decode step: padding rows land in the scratch block, tables at a fixed stride.
+    #[test]
+    fn graph_inputs_pad_rows_into_the_scratch_block() {
+        let step = StepBatch {
+            token_ids: vec![11, 12, 13],
+            positions: vec![40, 7, 0],
+            slots: vec![5 * 16 + 8, 9 * 16 + 7, 3 * 16],
+            seqs: vec![
+                SeqSlice {
+                    q_start: 0,
+                    q_len: 1,
+                    context_len: 41,
+                    block_table: vec![4, 2, 5],
+                },
+                SeqSlice {
+                    q_start: 1,
+                    q_len: 1,
+                    context_len: 8,
+                    block_table: vec![9],
+                },
+                SeqSlice {
+                    q_start: 2,
+                    q_len: 1,
+                    context_len: 1,
+                    block_table: vec![3],
+                },
+            ],
+            logit_rows: vec![0, 1, 2],
+        };
+        let (bucket, stride, scratch) = (4usize, 64usize, 100u32);
+        let w = graph_input_words(&step, bucket, stride, scratch, 16);
+        assert_eq!(w.len(), 9 * 4 + 4 * 64);
+        let b = bucket;
+        assert_eq!(&w[0..4], &[0, 1, 41, 0], "seq 0 meta");
+        assert_eq!(&w[12..16], &[3, 1, 1, 3 * 64], "padding row is a one-token sequence");
+        assert_eq!(&w[4 * b..5 * b], &[11, 12, 13, 0], "token ids");
+        assert_eq!(&w[5 * b..6 * b], &[40, 7, 0, 0], "positions");
+        assert_eq!(
+            w[6 * b + 3],
+            scratch * 16,
+            "padding writes its KV into the scratch block"
+        );
+        assert_eq!(&w[9 * b..9 * b + 3], &[4, 2, 5], "seq 0 block table");
+        assert_eq!(w[9 * b + 64], 9, "seq 1 table at the stride");
+        assert_eq!(w[9 * b + 3 * 64], scratch, "padding table");
     }
 }

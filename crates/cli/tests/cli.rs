@@ -1,0 +1,93 @@
+//! The `cleave` binary as a user runs it: JSON output, exit codes and error messages.
+
+use std::process::Command;
+
+fn cleave(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cleave"))
+        .args(args)
+        .output()
+        .expect("cleave runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn generate_json_reports_the_generated_ids_and_text() {
+    let (ok, stdout, stderr) = cleave(&[
+        "generate",
+        "--backend",
+        "cpu",
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "5",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 5);
+    assert_eq!(v["prompt_tokens"], 6, "BOS + 5 bytes");
+    assert_eq!(v["finish_reason"], "length");
+    assert!(v["text"].is_string());
+}
+
+#[test]
+fn greedy_generation_is_reproducible_across_processes() {
+    let run = || {
+        cleave(&[
+            "generate",
+            "--backend",
+            "cpu",
+            "--prompt-ids",
+            "1,2,3,4",
+            "--max-tokens",
+            "8",
+            "--json",
+        ])
+        .1
+    };
+    let (a, b) = (run(), run());
+    let ids = |s: &str| serde_json::from_str::<serde_json::Value>(s.trim()).unwrap()["token_ids"].clone();
+    assert_eq!(ids(&a), ids(&b));
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_a_message_naming_the_problem() {
+    let (ok, _, stderr) = cleave(&[
+        "generate",
+        "--backend",
+        "cpu",
+        "--prompt-ids",
+        "1,2,300",
+        "--max-tokens",
+        "2",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("300") && stderr.contains("vocabulary of 258"),
+        "{stderr}"
+    );
+
+    let (ok, _, stderr) = cleave(&["generate", "--model", "/no/such/model", "--prompt", "x"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("/no/such/model") && stderr.contains("preset"),
+        "{stderr}"
+    );
+
+    let (ok, _, stderr) = cleave(&["generate", "--backend", "tpu", "--prompt", "x"]);
+    assert!(!ok);
+    assert!(stderr.contains("unknown backend \"tpu\""), "{stderr}");
+}
+
+#[test]
+fn info_prints_the_real_shapes() {
+    let (ok, stdout, stderr) = cleave(&["info", "llama3-8b"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("8030261248 (8.03 B)"), "{stdout}");
+    assert!(stdout.contains("131072 bytes in bf16"), "{stdout}");
+}
