@@ -17,6 +17,9 @@ use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::{Scheduled, Scheduler, SchedulerPolicy, SeqId};
 use crate::tokenizer::{IncrementalDecoder, StopCheck, StopStrings, Tokenizer};
 
+mod remote_prefill;
+pub use remote_prefill::{KvBlockChunk, RemotePrefill};
+
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// Tokens per KV block.
@@ -231,6 +234,20 @@ impl<B: Backend> Engine<B> {
 
     /// Validates and queues a request. The error names the problem (prompt too long, token out of vocabulary...).
     pub fn add_request(&mut self, id: SeqId, prompt_ids: Vec<u32>, params: RequestParams) -> Result<()> {
+        self.validate_request(id, &prompt_ids, &params)?;
+        if self.scheduler.n_waiting() >= self.config.waiting_max {
+            return Err(Error::Overloaded(format!(
+                "{} requests are already waiting",
+                self.scheduler.n_waiting()
+            )));
+        }
+        self.track_request(id, prompt_ids.len(), params);
+        self.scheduler.add(id, prompt_ids);
+        Ok(())
+    }
+
+    /// Checks a request against the model and the KV cache; the error names the limit and the value given.
+    fn validate_request(&self, id: SeqId, prompt_ids: &[u32], params: &RequestParams) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidRequest(m));
         let c = &self.model.config;
         if self.requests.contains_key(&id) {
@@ -272,18 +289,17 @@ impl<B: Backend> Engine<B> {
                 self.pool.n_blocks()
             ));
         }
-        if self.scheduler.n_waiting() >= self.config.waiting_max {
-            return Err(Error::Overloaded(format!(
-                "{} requests are already waiting",
-                self.scheduler.n_waiting()
-            )));
-        }
+        Ok(())
+    }
+
+    /// Starts the per-request state (sampler, detokenizer, stop strings) of a validated request.
+    fn track_request(&mut self, id: SeqId, n_prompt: usize, params: RequestParams) {
         self.next_seed = self
             .next_seed
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
         let request = Request {
-            n_prompt: prompt_ids.len(),
+            n_prompt,
             n_generated: 0,
             sampler: Sampler::new(params.sampling.clone(), self.next_seed),
             decoder: IncrementalDecoder::default(),
@@ -291,8 +307,6 @@ impl<B: Backend> Engine<B> {
             params,
         };
         self.requests.insert(id, request);
-        self.scheduler.add(id, prompt_ids);
-        Ok(())
     }
 
     /// Adds a request whose prompt KV is taken as already computed (the blocks hold whatever they held): the next

@@ -127,8 +127,21 @@ impl<B: Backend> Model<B> {
     /// (a backend replaying a captured step may return padding rows after them).
     pub fn forward(&self, backend: &B, cache: &mut B::KvCache, step: &StepBatch) -> Result<B::Tensor> {
         backend.run_step(step, &mut |batch| {
-            self.forward_batch(backend, cache, batch, step.logit_rows.len())
+            self.forward_batch(backend, cache, batch, step.logit_rows.len(), &mut |_, _| Ok(()))
         })
+    }
+
+    /// [`Model::forward`], calling `layer_done(layer_idx, cache)` as soon as each layer's K and V are in the cache —
+    /// before the layer's attention runs — so a prefill worker can ship layer `i` while it computes the rest.
+    pub fn forward_streaming(
+        &self,
+        backend: &B,
+        cache: &mut B::KvCache,
+        step: &StepBatch,
+        layer_done: &mut dyn FnMut(usize, &B::KvCache) -> Result<()>,
+    ) -> Result<B::Tensor> {
+        let batch = backend.batch(step)?;
+        self.forward_batch(backend, cache, &batch, step.logit_rows.len(), layer_done)
     }
 
     fn forward_batch(
@@ -137,6 +150,7 @@ impl<B: Backend> Model<B> {
         cache: &mut B::KvCache,
         batch: &B::Batch,
         n_logit_rows: usize,
+        layer_done: &mut dyn FnMut(usize, &B::KvCache) -> Result<()>,
     ) -> Result<B::Tensor> {
         let c = &self.config;
         let eps = c.rms_norm_eps as f32;
@@ -161,6 +175,7 @@ impl<B: Backend> Model<B> {
             backend.linear(&mut qkv, &h, &layer.qkv_proj, layer.qkv_bias.as_ref());
             let qk_norm = layer.qk_norm.as_ref().map(|[qn, kn]| (qn, kn, eps));
             backend.qkv_rope_kv(&mut q, &qkv, cache, layer_idx, &self.rope, qk_norm, attn_shape, batch);
+            layer_done(layer_idx, cache)?;
             // x = x + o_proj(attention(q, cache));  h = rms_norm(x)
             backend.attention(&mut attn, &q, cache, layer_idx, attn_shape, batch);
             backend.linear(&mut o, &attn, &layer.o_proj, layer.o_bias.as_ref());

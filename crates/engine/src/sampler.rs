@@ -53,6 +53,14 @@ impl Sampler {
         Self { params, rng }
     }
 
+    /// Consumes the draw one `sample` call would have made, without sampling: when another worker sampled this
+    /// request's first token with the same seed, the sequence continues as if it had been drawn here.
+    pub fn skip_draw(&mut self) {
+        if self.params.temperature != 0.0 {
+            self.rng.next_u64();
+        }
+    }
+
     /// Picks a token. `banned` ids (EOS before `min_tokens`) are never chosen.
     pub fn sample(&mut self, logits: &[f32], banned: &[u32]) -> u32 {
         let allowed = |i: usize| !banned.contains(&(i as u32));

@@ -133,6 +133,57 @@ impl Scheduler {
         true
     }
 
+    /// Adds a sequence whose prompt KV another worker computes ("parked": neither waiting nor running). Its blocks
+    /// are allocated now, reusing cached prefix blocks. Returns the number of leading blocks already cached and all
+    /// its blocks, or `None` (nothing allocated) when the pool cannot hold it.
+    pub fn add_parked(&mut self, id: SeqId, tokens: Vec<u32>, pool: &mut BlockPool) -> Option<(usize, Vec<BlockId>)> {
+        let block_size = pool.block_size();
+        let n_tokens = tokens.len();
+        let hashes = if self.prefix_caching {
+            block_hashes(&tokens[..n_tokens - 1], block_size)
+        } else {
+            Vec::new()
+        };
+        let cached = pool.acquire_cached_prefix(&hashes);
+        let Some(fresh) = pool.allocate_n(n_tokens.div_ceil(block_size) - cached.len()) else {
+            pool.release_all(&cached);
+            return None;
+        };
+        let n_cached = cached.len();
+        let mut seq = SeqState::new(tokens);
+        seq.n_cached_tokens = n_cached * block_size;
+        seq.n_computed = seq.n_cached_tokens;
+        seq.hashes = hashes[..n_cached].to_vec();
+        seq.blocks = cached;
+        seq.blocks.extend(fresh);
+        let blocks = seq.blocks.clone();
+        self.seqs.insert(id, seq);
+        Some((n_cached, blocks))
+    }
+
+    /// A parked sequence whose whole KV has arrived starts decoding: it joins the running sequences with every
+    /// token computed, and its full blocks enter the prefix cache.
+    pub fn unpark_computed(&mut self, id: SeqId, pool: &mut BlockPool) {
+        let Some(seq) = self.seqs.get(&id) else { return };
+        let n_new = seq.tokens.len() - seq.n_computed;
+        self.complete(&[Scheduled { id, n_new }], pool);
+        self.running.push(id);
+    }
+
+    /// A parked sequence whose remote prefill failed is prefilled here instead: its blocks are released and it goes
+    /// first in the waiting queue (its prefix is usually still cached).
+    pub fn unpark_to_waiting(&mut self, id: SeqId, pool: &mut BlockPool) {
+        if self.seqs.contains_key(&id) {
+            self.reset(id, pool);
+            self.waiting.push_front(id);
+        }
+    }
+
+    /// True for a sequence added with [`Scheduler::add_parked`] and not yet unparked.
+    pub fn is_parked(&self, id: SeqId) -> bool {
+        self.seqs.contains_key(&id) && !self.running.contains(&id) && !self.waiting.contains(&id)
+    }
+
     pub fn seq(&self, id: SeqId) -> Option<&SeqState> {
         self.seqs.get(&id)
     }
