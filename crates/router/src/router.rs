@@ -132,6 +132,9 @@ struct RouterWorker {
     /// The worker's slot in the index; `Some` exactly for decode candidates.
     slot: Option<u32>,
     load: WorkerLoad,
+    /// `1 / load.total_blocks`, or 0 before the worker reports a capacity; kept so scoring multiplies instead of
+    /// dividing per worker.
+    per_capacity_block: f64,
 }
 
 /// Buffers reused across decisions.
@@ -202,6 +205,7 @@ impl Router {
                 role,
                 slot,
                 load: WorkerLoad::default(),
+                per_capacity_block: 0.0,
             },
         );
         Ok(())
@@ -245,7 +249,13 @@ impl Router {
     pub fn report_load(&mut self, worker: WorkerId, load: WorkerLoad) -> bool {
         match self.position(worker) {
             Ok(pos) => {
-                self.workers[pos].load = load;
+                let worker = &mut self.workers[pos];
+                worker.load = load;
+                worker.per_capacity_block = if load.total_blocks > 0 {
+                    1.0 / load.total_blocks as f64
+                } else {
+                    0.0
+                };
                 true
             }
             Err(_) => false,
@@ -349,22 +359,23 @@ impl Router {
             queued_max = queued_max.max(w.load.queued_prefill_tokens);
             total_max = total_max.max(w.load.total_blocks);
         }
+        // Reciprocals once per decision: the loop below runs per worker, and a division costs several multiplies.
         let norm = LoadNorm {
-            queued_max,
-            capacity_fallback: total_max.max(1),
+            per_queued_token: if queued_max > 0 { 1.0 / queued_max as f64 } else { 0.0 },
+            per_fallback_block: 1.0 / total_max.max(1) as f64,
+        };
+        let per_request_block = if hashes.is_empty() {
+            0.0
+        } else {
+            1.0 / hashes.len() as f64
         };
 
-        let request_blocks = hashes.len();
         candidates.clear();
         for (worker_idx, w) in self.workers.iter().enumerate() {
             let Some(slot) = w.slot else { continue };
             let cached_blocks = cached_by_slot[slot as usize];
-            let load = norm.load(&w.load);
-            let cached_share = if request_blocks == 0 {
-                0.0
-            } else {
-                f64::from(cached_blocks) / request_blocks as f64
-            };
+            let load = norm.load(w);
+            let cached_share = f64::from(cached_blocks) * per_request_block;
             // See the crate docs: score = overlap_weight * cached_share - load_weight * load.
             let score = self.config.overlap_weight * cached_share - self.config.load_weight * load;
             candidates.push(Candidate {
@@ -419,24 +430,23 @@ impl Router {
 
 /// What a worker's raw load is measured against.
 struct LoadNorm {
-    queued_max: u64,
-    capacity_fallback: u64,
+    /// `1 / (the longest prefill queue among candidates)`, or 0 when no candidate has a queue.
+    per_queued_token: f64,
+    /// `1 / capacity` for a worker that has not reported one: the largest reported capacity (at least 1).
+    per_fallback_block: f64,
 }
 
 impl LoadNorm {
     /// `load = (kv_usage + prefill_share) / 2`; see the crate docs.
-    fn load(&self, load: &WorkerLoad) -> f64 {
-        let capacity = if load.total_blocks > 0 {
-            load.total_blocks
+    fn load(&self, worker: &RouterWorker) -> f64 {
+        let load = &worker.load;
+        let per_block = if worker.per_capacity_block > 0.0 {
+            worker.per_capacity_block
         } else {
-            self.capacity_fallback
+            self.per_fallback_block
         };
-        let kv_usage = load.active_blocks as f64 / capacity as f64;
-        let prefill_share = if self.queued_max > 0 {
-            load.queued_prefill_tokens as f64 / self.queued_max as f64
-        } else {
-            0.0
-        };
+        let kv_usage = load.active_blocks as f64 * per_block;
+        let prefill_share = load.queued_prefill_tokens as f64 * self.per_queued_token;
         0.5 * (kv_usage + prefill_share)
     }
 }
