@@ -236,3 +236,15 @@ fn heap_estimate_grows_with_the_index_and_shrinks_after_clearing() {
     index.apply(WorkerId(1), &KvEvent::Cleared);
     assert!(index.heap_bytes_estimate() < full);
 }
+
+#[test]
+fn reserved_unique_blocks_are_allocated_up_front() {
+    let config = KvIndexConfig {
+        reserved_unique_blocks: 10_000,
+        ..KvIndexConfig::default()
+    };
+    let reserved = KvIndex::new(config).heap_bytes_estimate();
+    // At least one 24-byte entry and its control byte per reserved block.
+    assert!(reserved >= 10_000 * 25, "{reserved} bytes");
+    assert!(KvIndex::default().heap_bytes_estimate() < 1_000);
+}

@@ -115,6 +115,7 @@ fn run(seed: u64, n_ops: usize, indexed_blocks_max: usize) {
     let config = KvIndexConfig {
         indexed_blocks_max,
         workers_max: N_WORKERS as usize,
+        ..KvIndexConfig::default()
     };
     let mut index = KvIndex::new(config);
     let mut naive = Naive {
