@@ -33,6 +33,8 @@ enum Command {
     BenchEngine(bench_engine::BenchEngineArgs),
     /// Check the GPU backend against the CPU backend and Hugging Face references on whatever GPU is present.
     Selftest(selftest::SelftestArgs),
+    /// Run a worker: one engine serving the worker protocol (docs/protocol.md) on TCP.
+    Worker(WorkerArgs),
     /// Print a model's shape, parameter count and memory figures.
     Info {
         /// A Hugging Face model directory or a preset (tiny, small, llama3-8b, llama3-70b, qwen2.5-7b).
@@ -106,6 +108,37 @@ struct GenerateArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct WorkerArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// aggregated (prefill and decode here); prefill and decode roles come with remote prefill.
+    #[arg(long, default_value = "aggregated")]
+    role: String,
+    /// Address to listen on (port 0 picks a free one; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
+}
+
+fn worker(args: WorkerArgs) -> Result<()> {
+    let role = match args.role.as_str() {
+        "aggregated" => cleave_wire::Role::Aggregated,
+        "prefill" => cleave_wire::Role::Prefill,
+        "decode" => cleave_wire::Role::Decode,
+        other => bail!("unknown role {other:?} (aggregated, prefill, decode)"),
+    };
+    let resolved =
+        resolve_model(&args.engine.model).with_context(|| format!("loading model {:?}", args.engine.model))?;
+    let config = engine_config(&args.engine)?;
+    let worker_config = cleave_worker::WorkerConfig {
+        role,
+        listen: args.listen,
+    };
+    with_engine!(&args.engine, resolved, config, |engine| {
+        cleave_worker::serve(engine, worker_config).context("serving")
+    })
+}
+
 /// Which backend runs the engine.
 pub enum BackendChoice {
     Cpu,
@@ -175,6 +208,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate(args),
         Command::BenchEngine(args) => bench_engine::run(args),
         Command::Selftest(args) => selftest::run(args),
+        Command::Worker(args) => worker(args),
         Command::Info { model } => info(&model),
     }
 }

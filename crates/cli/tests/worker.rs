@@ -1,0 +1,210 @@
+//! A real `cleave worker` process on loopback, spoken to through the worker protocol: tokens equal the in-process
+//! engine's, cancellation ends a stream, and a client sending garbage or vanishing never harms the others.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use cleave_wire::{FrameCodec, Generate, Hello, Message, Role, Tokens, WireParams};
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+struct Worker {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_worker() -> Worker {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cleave"))
+        .args([
+            "worker",
+            "--backend",
+            "cpu",
+            "--role",
+            "aggregated",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("worker starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    Worker { child, addr }
+}
+
+async fn connect(addr: &str) -> Framed<TcpStream, FrameCodec> {
+    let mut conn = Framed::new(TcpStream::connect(addr).await.unwrap(), FrameCodec::default());
+    let hello = Hello {
+        role: Role::Frontend,
+        model: String::new(),
+        model_fingerprint: 0,
+        block_size: 0,
+        n_layers: 0,
+        kv_block_bytes: 0,
+    };
+    conn.send(Message::Hello(hello)).await.unwrap();
+    match conn.next().await {
+        Some(Ok(Message::Hello(h))) => {
+            assert_eq!((h.role, h.model.as_str(), h.block_size), (Role::Aggregated, "tiny", 16))
+        }
+        other => panic!("expected hello, got {other:?}"),
+    }
+    conn
+}
+
+fn params(max_tokens: u32) -> WireParams {
+    WireParams {
+        max_tokens,
+        min_tokens: 0,
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: None,
+        stop_token_ids: vec![],
+        stop: vec![],
+        ignore_eos: true,
+    }
+}
+
+/// Reads `tokens` frames until every listed request finished; returns their token ids by request.
+async fn collect(conn: &mut Framed<TcpStream, FrameCodec>, n: usize) -> Vec<(u64, Vec<u32>, String)> {
+    let mut done = Vec::new();
+    let mut partial: std::collections::HashMap<u64, Vec<u32>> = Default::default();
+    while done.len() < n {
+        match conn.next().await {
+            Some(Ok(Message::Tokens(Tokens {
+                id, token_ids, finish, ..
+            }))) => {
+                partial.entry(id).or_default().extend(token_ids);
+                if let Some(f) = finish {
+                    done.push((id, partial.remove(&id).unwrap(), f));
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    done.sort();
+    done
+}
+
+fn in_process(prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let resolved = cleave_engine::presets::resolve_model("tiny").unwrap();
+    let mut engine = cleave_engine::engine::Engine::new(
+        cleave_engine::backend::cpu::CpuBackend,
+        resolved,
+        cleave_engine::engine::EngineConfig::default(),
+    )
+    .unwrap();
+    let params = cleave_engine::engine::RequestParams {
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    engine
+        .generate(vec![(prompt.to_vec(), params)])
+        .unwrap()
+        .remove(0)
+        .token_ids
+}
+
+#[tokio::test]
+async fn worker_streams_the_same_tokens_as_the_engine_and_survives_bad_clients() {
+    let worker = start_worker();
+
+    // A client speaking HTTP gets an error frame and is disconnected.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut bad = TcpStream::connect(&worker.addr).await.unwrap();
+        bad.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = Vec::new();
+        bad.read_to_end(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf).contains("not a cleave stream"));
+    }
+    // A client that vanishes mid-stream.
+    {
+        let mut gone = connect(&worker.addr).await;
+        gone.send(Message::Generate(Generate {
+            id: 1,
+            prompt_ids: vec![256, 1, 2],
+            params: params(500),
+        }))
+        .await
+        .unwrap();
+        let _ = gone.next().await;
+    }
+
+    let mut conn = connect(&worker.addr).await;
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![256, 72, 105],
+        (0..40).map(|i| (i * 7) % 256).collect(),
+        vec![256; 17],
+    ];
+    for (i, p) in prompts.iter().enumerate() {
+        conn.send(Message::Generate(Generate {
+            id: 10 + i as u64,
+            prompt_ids: p.clone(),
+            params: params(12),
+        }))
+        .await
+        .unwrap();
+    }
+    let done = collect(&mut conn, prompts.len()).await;
+    for ((id, tokens, finish), p) in done.iter().zip(&prompts) {
+        assert_eq!(finish, "length", "request {id}");
+        assert_eq!(
+            tokens,
+            &in_process(p, 12),
+            "request {id}: the worker's tokens differ from the engine's"
+        );
+    }
+
+    // Cancel a long request: its stream ends with "cancelled".
+    conn.send(Message::Generate(Generate {
+        id: 99,
+        prompt_ids: vec![256, 3],
+        params: params(3000),
+    }))
+    .await
+    .unwrap();
+    let _first = conn.next().await;
+    conn.send(Message::Cancel { id: 99 }).await.unwrap();
+    let done = collect(&mut conn, 1).await;
+    assert_eq!((done[0].0, done[0].2.as_str()), (99, "cancelled"));
+    assert!(done[0].1.len() < 3000);
+
+    // A request the engine refuses gets an error naming the problem; the connection stays usable.
+    conn.send(Message::Generate(Generate {
+        id: 7,
+        prompt_ids: vec![9999],
+        params: params(4),
+    }))
+    .await
+    .unwrap();
+    match conn.next().await {
+        Some(Ok(Message::Error { id: Some(7), message })) => assert!(message.contains("vocabulary"), "{message}"),
+        other => panic!("expected an error for request 7, got {other:?}"),
+    }
+    conn.send(Message::Generate(Generate {
+        id: 8,
+        prompt_ids: vec![256, 5],
+        params: params(3),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(collect(&mut conn, 1).await[0].1.len(), 3);
+}
