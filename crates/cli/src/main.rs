@@ -112,12 +112,18 @@ struct GenerateArgs {
 struct WorkerArgs {
     #[command(flatten)]
     engine: EngineArgs,
-    /// aggregated (prefill and decode here); prefill and decode roles come with remote prefill.
+    /// aggregated (prefill and decode here), prefill, or decode (long prompts prefilled by --prefill-worker).
     #[arg(long, default_value = "aggregated")]
     role: String,
     /// Address to listen on (port 0 picks a free one; the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: std::net::SocketAddr,
+    /// Decode role: the prefill worker to send long prompts to.
+    #[arg(long)]
+    prefill_worker: Option<std::net::SocketAddr>,
+    /// Decode role: prompts of at least this many tokens are prefilled remotely.
+    #[arg(long, default_value_t = 512)]
+    remote_prefill_tokens_min: usize,
 }
 
 fn worker(args: WorkerArgs) -> Result<()> {
@@ -133,6 +139,8 @@ fn worker(args: WorkerArgs) -> Result<()> {
     let worker_config = cleave_worker::WorkerConfig {
         role,
         listen: args.listen,
+        prefill_worker: args.prefill_worker,
+        remote_prefill_tokens_min: args.remote_prefill_tokens_min,
     };
     with_engine!(&args.engine, resolved, config, |engine| {
         cleave_worker::serve(engine, worker_config).context("serving")

@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 use cleave_wire::{FrameCodec, Generate, Hello, Message, Role, Tokens, WireParams};
 use futures::{SinkExt, StreamExt};
@@ -12,6 +13,8 @@ use tokio_util::codec::Framed;
 struct Worker {
     child: Child,
     addr: String,
+    /// The worker's log lines (CLEAVE_LOG=info), collected by a thread.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Worker {
@@ -22,17 +25,16 @@ impl Drop for Worker {
 }
 
 fn start_worker() -> Worker {
+    start_worker_with(&["--role", "aggregated"])
+}
+
+fn start_worker_with(args: &[&str]) -> Worker {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cleave"))
-        .args([
-            "worker",
-            "--backend",
-            "cpu",
-            "--role",
-            "aggregated",
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        .args(["worker", "--backend", "cpu", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("CLEAVE_LOG", "info")
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("worker starts");
     let mut line = String::new();
@@ -44,7 +46,30 @@ fn start_worker() -> Worker {
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string();
-    Worker { child, addr }
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Worker { child, addr, log }
+}
+
+impl Worker {
+    fn log_count(&self, needle: &str) -> usize {
+        self.log.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    async fn wait_for_log(&self, needle: &str) {
+        for _ in 0..100 {
+            if self.log_count(needle) > 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("worker never logged {needle:?}: {:?}", self.log.lock().unwrap());
+    }
 }
 
 async fn connect(addr: &str) -> Framed<TcpStream, FrameCodec> {
@@ -60,7 +85,8 @@ async fn connect(addr: &str) -> Framed<TcpStream, FrameCodec> {
     conn.send(Message::Hello(hello)).await.unwrap();
     match conn.next().await {
         Some(Ok(Message::Hello(h))) => {
-            assert_eq!((h.role, h.model.as_str(), h.block_size), (Role::Aggregated, "tiny", 16))
+            assert!(matches!(h.role, Role::Aggregated | Role::Decode), "{h:?}");
+            assert_eq!((h.model.as_str(), h.block_size), ("tiny", 16));
         }
         other => panic!("expected hello, got {other:?}"),
     }
@@ -207,4 +233,89 @@ async fn worker_streams_the_same_tokens_as_the_engine_and_survives_bad_clients()
     .await
     .unwrap();
     assert_eq!(collect(&mut conn, 1).await[0].1.len(), 3);
+}
+
+fn long_prompts() -> Vec<Vec<u32>> {
+    [40usize, 17, 3, 70]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (0..n as u32).map(|j| (j * 31 + i as u32 * 7) % 256).collect())
+        .collect()
+}
+
+#[tokio::test]
+async fn disaggregated_workers_give_the_aggregated_tokens() {
+    let prefill = start_worker_with(&["--role", "prefill"]);
+    let decode = start_worker_with(&[
+        "--role",
+        "decode",
+        "--prefill-worker",
+        &prefill.addr,
+        "--remote-prefill-tokens-min",
+        "16",
+    ]);
+    decode.wait_for_log("linked to prefill worker").await;
+    let mut conn = connect(&decode.addr).await;
+    let prompts = long_prompts();
+    for (i, p) in prompts.iter().enumerate() {
+        conn.send(Message::Generate(Generate {
+            id: i as u64,
+            prompt_ids: p.clone(),
+            params: params(10),
+        }))
+        .await
+        .unwrap();
+    }
+    let done = collect(&mut conn, prompts.len()).await;
+    for ((id, tokens, _), p) in done.iter().zip(&prompts) {
+        assert_eq!(tokens, &in_process(p, 10), "request {id} ({} prompt tokens)", p.len());
+    }
+    // The three prompts of 16 tokens or more went to the prefill worker; the 3-token one stayed local.
+    assert_eq!(
+        decode.log_count("prefilled remotely"),
+        3,
+        "{:?}",
+        decode.log.lock().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn requests_complete_when_the_prefill_worker_dies() {
+    let mut prefill = start_worker_with(&["--role", "prefill"]);
+    let decode = start_worker_with(&[
+        "--role",
+        "decode",
+        "--prefill-worker",
+        &prefill.addr,
+        "--remote-prefill-tokens-min",
+        "16",
+    ]);
+    decode.wait_for_log("linked to prefill worker").await;
+    let mut conn = connect(&decode.addr).await;
+    let prompts = long_prompts();
+    for (i, p) in prompts.iter().enumerate() {
+        conn.send(Message::Generate(Generate {
+            id: i as u64,
+            prompt_ids: p.clone(),
+            params: params(10),
+        }))
+        .await
+        .unwrap();
+    }
+    // Killed while (or before) it prefills them: every request still completes, prefilled locally if need be.
+    prefill.child.kill().unwrap();
+    let done = collect(&mut conn, prompts.len()).await;
+    for ((id, tokens, finish), p) in done.iter().zip(&prompts) {
+        assert_eq!(finish, "length");
+        assert_eq!(tokens, &in_process(p, 10), "request {id}");
+    }
+    // Later requests are served too, locally.
+    conn.send(Message::Generate(Generate {
+        id: 50,
+        prompt_ids: prompts[0].clone(),
+        params: params(10),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(collect(&mut conn, 1).await[0].1, in_process(&prompts[0], 10));
 }
