@@ -277,6 +277,23 @@ async fn disaggregated_workers_give_the_aggregated_tokens() {
         "{:?}",
         decode.log.lock().unwrap()
     );
+
+    // 45 tokens, but the first 32 are in the decode worker's prefix cache: 13 uncached tokens stay local.
+    let extended: Vec<u32> = prompts[0].iter().copied().chain([1, 2, 3, 4, 5]).collect();
+    conn.send(Message::Generate(Generate {
+        id: 20,
+        prompt_ids: extended.clone(),
+        params: params(10),
+    }))
+    .await
+    .unwrap();
+    let done = collect(&mut conn, 1).await;
+    assert_eq!(done[0].1, in_process(&extended, 10));
+    assert_eq!(
+        decode.log_count("prefilled remotely"),
+        3,
+        "a mostly cached prompt must not go remote"
+    );
 }
 
 #[tokio::test]

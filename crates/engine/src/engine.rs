@@ -224,6 +224,16 @@ impl<B: Backend> Engine<B> {
         self.scheduler.n_running()
     }
 
+    /// Prompt tokens a new request would find in this engine's prefix cache (whole blocks; at least one token is
+    /// always computed). Routers and the conditional-disaggregation decision use it.
+    pub fn cached_prefix_tokens(&self, prompt_ids: &[u32]) -> usize {
+        if !self.config.prefix_caching || prompt_ids.is_empty() {
+            return 0;
+        }
+        let hashes = cleave_kv::block_hashes(&prompt_ids[..prompt_ids.len() - 1], self.config.block_size);
+        self.pool.cached_prefix_len(&hashes) * self.config.block_size
+    }
+
     pub fn n_preemptions(&self) -> u64 {
         self.scheduler.n_preemptions()
     }

@@ -35,6 +35,8 @@ use tokio_util::codec::Framed;
 pub const INBOX_MAX: usize = 4096;
 /// Frames queued for one connection at most; a client that falls this far behind loses its requests.
 pub const OUTBOX_MAX: usize = 1024;
+/// Remote prefills in flight at most: beyond it the prefill worker is backed up and prompts are prefilled locally.
+pub const REMOTE_PENDING_MAX: usize = 64;
 /// Pause between attempts to (re)connect to the prefill worker.
 const PREFILL_LINK_RETRY: Duration = Duration::from_millis(200);
 
@@ -382,7 +384,7 @@ impl<B: Backend> EngineLoop<'_, B> {
                 outbox,
             } => {
                 let client = Client { client_id, outbox };
-                let remote_prefill = self.role == Role::Decode && prompt_ids.len() >= self.remote_prefill_tokens_min;
+                let remote_prefill = self.role == Role::Decode && self.prefill_remotely(&prompt_ids, remote);
                 let added = match (&remote.link, remote_prefill) {
                     (Some(link), true) => self.start_remote_prefill(id, prompt_ids, &params, link).map(|sent| {
                         if sent {
@@ -461,6 +463,28 @@ impl<B: Backend> EngineLoop<'_, B> {
                 }
             }
         }
+    }
+
+    /// Conditional disaggregation: prefill remotely only when it pays — the part of the prompt not already in this
+    /// worker's prefix cache is long enough that computing it here would stall the running decodes, and the
+    /// prefill worker is not backed up. Each decision is logged with its inputs.
+    fn prefill_remotely(&self, prompt_ids: &[u32], remote: &Remote) -> bool {
+        let cached = self.engine.cached_prefix_tokens(prompt_ids);
+        let uncached = prompt_ids.len() - cached;
+        let linked = remote.link.is_some();
+        let decision =
+            linked && uncached >= self.remote_prefill_tokens_min && remote.pending.len() < REMOTE_PENDING_MAX;
+        tracing::debug!(
+            prompt = prompt_ids.len(),
+            cached,
+            uncached,
+            threshold = self.remote_prefill_tokens_min,
+            pending = remote.pending.len(),
+            linked,
+            "{} prefill",
+            if decision { "remote" } else { "local" }
+        );
+        decision
     }
 
     /// Parks the request and asks the prefill worker for its KV. Ok(false): the link could not take it, so the
