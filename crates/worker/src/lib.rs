@@ -64,6 +64,7 @@ enum Command {
     },
     /// Prefill role: compute a decode worker's prompt and stream its KV back through `outbox`.
     Prefill {
+        conn: u64,
         request: PrefillRequest,
         outbox: mpsc::Sender<Message>,
     },
@@ -118,7 +119,13 @@ pub fn serve<B: Backend>(mut engine: Engine<B>, config: WorkerConfig) -> std::io
     let listener = runtime.block_on(TcpListener::bind(config.listen))?;
     println!("listening on {}", listener.local_addr()?);
     let (inbox_tx, inbox_rx) = sync_channel::<Command>(INBOX_MAX);
-    runtime.spawn(accept_loop(listener, inbox_tx.clone(), hello.clone()));
+    let cancelled = CancelledPrefills::default();
+    runtime.spawn(accept_loop(
+        listener,
+        inbox_tx.clone(),
+        hello.clone(),
+        cancelled.clone(),
+    ));
     if let (Role::Decode, Some(addr)) = (config.role, config.prefill_worker) {
         runtime.spawn(prefill_link(addr, inbox_tx, hello));
     }
@@ -126,19 +133,32 @@ pub fn serve<B: Backend>(mut engine: Engine<B>, config: WorkerConfig) -> std::io
         engine: &mut engine,
         role: config.role,
         remote_prefill_tokens_min: config.remote_prefill_tokens_min,
+        cancelled,
     }
     .run(inbox_rx);
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, inbox: SyncSender<Command>, hello: Hello) {
+/// Prefills a decode worker cancelled, by (connection, request id): the prefill stops at its next layer.
+#[derive(Clone, Default)]
+struct CancelledPrefills(Arc<std::sync::Mutex<HashSet<(u64, u64)>>>);
+
+impl CancelledPrefills {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<(u64, u64)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+async fn accept_loop(listener: TcpListener, inbox: SyncSender<Command>, hello: Hello, cancelled: CancelledPrefills) {
     let next_id = Arc::new(AtomicU64::new(1));
+    let next_conn = AtomicU64::new(1);
     loop {
         match listener.accept().await {
             Ok((socket, peer)) => {
                 let (inbox, hello, next_id) = (inbox.clone(), hello.clone(), next_id.clone());
+                let (conn, cancelled) = (next_conn.fetch_add(1, Ordering::Relaxed), cancelled.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = serve_connection(socket, inbox, hello, next_id).await {
+                    if let Err(e) = serve_connection(socket, inbox, hello, next_id, conn, &cancelled).await {
                         tracing::debug!(%peer, "connection closed: {e}");
                     }
                 });
@@ -154,6 +174,8 @@ async fn serve_connection(
     inbox: SyncSender<Command>,
     hello: Hello,
     next_id: Arc<AtomicU64>,
+    conn: u64,
+    cancelled: &CancelledPrefills,
 ) -> Result<(), String> {
     let (mut sink, mut stream) = Framed::new(socket, FrameCodec::default()).split();
     let (outbox, mut outbox_rx) = mpsc::channel::<Message>(OUTBOX_MAX);
@@ -197,6 +219,7 @@ async fn serve_connection(
                 }
                 (Role::Prefill, Message::PrefillRequest(request)) => {
                     let command = Command::Prefill {
+                        conn,
                         request,
                         outbox: outbox.clone(),
                     };
@@ -204,8 +227,10 @@ async fn serve_connection(
                         .try_send(command)
                         .map_err(|_| "prefill worker overloaded".to_string())?;
                 }
-                // A decode worker cancelling a prefill: the prefill runs to its end (one step) and is discarded.
-                (Role::Prefill, Message::Cancel { .. }) => {}
+                // A decode worker cancelling a prefill: it stops at its next layer and frees its blocks.
+                (Role::Prefill, Message::Cancel { id }) => {
+                    cancelled.lock().insert((conn, id));
+                }
                 (_, other) => return Err(format!("unexpected message for a {:?} worker: {other:?}", hello.role)),
             }
         }
@@ -221,6 +246,7 @@ async fn serve_connection(
             .await;
     }
     // The client is gone or broke the protocol: nothing it asked for may keep running.
+    cancelled.lock().retain(|&(c, _)| c != conn);
     for engine_id in ids.into_values() {
         let _ = inbox.try_send(Command::Cancel { id: engine_id });
     }
@@ -320,6 +346,7 @@ struct EngineLoop<'a, B: Backend> {
     engine: &'a mut Engine<B>,
     role: Role,
     remote_prefill_tokens_min: usize,
+    cancelled: CancelledPrefills,
 }
 
 /// The engine loop's view of remote prefills (decode role).
@@ -406,12 +433,17 @@ impl<B: Backend> EngineLoop<'_, B> {
                 }
             }
             Command::Cancel { id } => {
-                remote.pending.remove(&id);
+                // A cancelled remote prefill is stopped on the prefill worker too.
+                if remote.pending.remove(&id) {
+                    if let Some(link) = &remote.link {
+                        let _ = link.try_send(Message::Cancel { id });
+                    }
+                }
                 if let (Some(out), Some(client)) = (self.engine.cancel(id), clients.remove(&id)) {
                     deliver(&client, out);
                 }
             }
-            Command::Prefill { request, outbox } => self.prefill_for(request, &outbox),
+            Command::Prefill { conn, request, outbox } => self.prefill_for(conn, request, &outbox),
             Command::PrefillLinkUp(link) => remote.link = Some(link),
             Command::PrefillLinkDown => {
                 remote.link = None;
@@ -514,14 +546,20 @@ impl<B: Backend> EngineLoop<'_, B> {
     }
 
     /// Prefill role: one decode worker's prompt, its KV streamed layer by layer.
-    fn prefill_for(&mut self, request: PrefillRequest, outbox: &mpsc::Sender<Message>) {
+    fn prefill_for(&mut self, conn: u64, request: PrefillRequest, outbox: &mpsc::Sender<Message>) {
         let id = request.id;
+        let cancelled = self.cancelled.clone();
         let plan = RemotePrefill {
             prompt_ids: request.prompt_ids,
             n_cached_blocks: request.n_cached_blocks as usize,
             n_blocks: request.n_blocks as usize,
         };
         let mut sink = |chunk: KvBlockChunk| {
+            if cancelled.lock().contains(&(conn, id)) {
+                return Err(cleave_engine::Error::InvalidRequest(format!(
+                    "prefill of request {id} cancelled"
+                )));
+            }
             let message = Message::KvChunk(KvChunk {
                 id,
                 layer_idx: chunk.layer_idx as u32,
@@ -546,6 +584,9 @@ impl<B: Backend> EngineLoop<'_, B> {
                 message: e.to_string(),
             },
         };
+        if self.cancelled.lock().remove(&(conn, id)) {
+            tracing::info!(request = id, "prefill cancelled by the decode worker");
+        }
         let _ = outbox.blocking_send(reply);
     }
 
