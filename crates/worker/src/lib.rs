@@ -434,10 +434,10 @@ impl<B: Backend> EngineLoop<'_, B> {
             }
             Command::Cancel { id } => {
                 // A cancelled remote prefill is stopped on the prefill worker too.
-                if remote.pending.remove(&id) {
-                    if let Some(link) = &remote.link {
-                        let _ = link.try_send(Message::Cancel { id });
-                    }
+                if remote.pending.remove(&id)
+                    && let Some(link) = &remote.link
+                {
+                    let _ = link.try_send(Message::Cancel { id });
                 }
                 if let (Some(out), Some(client)) = (self.engine.cancel(id), clients.remove(&id)) {
                     deliver(&client, out);
