@@ -369,3 +369,75 @@ async fn cancelling_a_remote_prefill_stops_it_on_the_prefill_worker() {
     prefill.wait_for_log("prefill cancelled by the decode worker").await;
     assert_eq!(decode.log_count("prefilled remotely"), 0);
 }
+
+/// A prefill peer written here that answers every prefill request with malformed KV: the decode worker must refuse
+/// it, prefill locally, and still return the right tokens.
+#[tokio::test]
+async fn malformed_kv_from_a_prefill_peer_falls_back_to_local_prefill() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake_addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let mut link = Framed::new(socket, FrameCodec::default());
+        // Claim the decode worker's own model and layout, as a prefill worker.
+        let Some(Ok(Message::Hello(mut hello))) = link.next().await else {
+            panic!("no hello")
+        };
+        hello.role = Role::Prefill;
+        link.send(Message::Hello(hello)).await.unwrap();
+        let mut n = 0u32;
+        while let Some(Ok(Message::PrefillRequest(r))) = link.next().await {
+            // Alternately a block past the request's and a chunk of the wrong size.
+            let (block_index, bytes) = if n % 2 == 0 {
+                (r.n_blocks + 5, vec![0u8; 64])
+            } else {
+                (r.n_blocks - 1, vec![7u8; 10])
+            };
+            n += 1;
+            let chunk = cleave_wire::KvChunk {
+                id: r.id,
+                layer_idx: 0,
+                block_index,
+                bytes: bytes.into(),
+            };
+            link.send(Message::KvChunk(chunk)).await.unwrap();
+            link.send(Message::PrefillDone {
+                id: r.id,
+                first_token: 0,
+            })
+            .await
+            .unwrap();
+        }
+    });
+    let decode = start_worker_with(&[
+        "--role",
+        "decode",
+        "--prefill-worker",
+        &fake_addr,
+        "--remote-prefill-tokens-min",
+        "16",
+    ]);
+    decode.wait_for_log("linked to prefill worker").await;
+    let mut conn = connect(&decode.addr).await;
+    let prompts: Vec<Vec<u32>> = long_prompts().into_iter().filter(|p| p.len() >= 16).collect();
+    for (i, p) in prompts.iter().enumerate() {
+        conn.send(Message::Generate(Generate {
+            id: i as u64,
+            prompt_ids: p.clone(),
+            params: params(8),
+        }))
+        .await
+        .unwrap();
+    }
+    let done = collect(&mut conn, prompts.len()).await;
+    for ((id, tokens, _), p) in done.iter().zip(&prompts) {
+        assert_eq!(tokens, &in_process(p, 8), "request {id}");
+    }
+    assert_eq!(
+        decode.log_count("bad KV from the prefill worker"),
+        prompts.len(),
+        "{:?}",
+        decode.log.lock().unwrap()
+    );
+    assert_eq!(decode.log_count("prefilled remotely"), 0);
+}
