@@ -388,7 +388,7 @@ async fn malformed_kv_from_a_prefill_peer_falls_back_to_local_prefill() {
         let mut n = 0u32;
         while let Some(Ok(Message::PrefillRequest(r))) = link.next().await {
             // Alternately a block past the request's and a chunk of the wrong size.
-            let (block_index, bytes) = if n % 2 == 0 {
+            let (block_index, bytes) = if n.is_multiple_of(2) {
                 (r.n_blocks + 5, vec![0u8; 64])
             } else {
                 (r.n_blocks - 1, vec![7u8; 10])
