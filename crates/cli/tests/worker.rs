@@ -243,10 +243,12 @@ fn long_prompts() -> Vec<Vec<u32>> {
         .collect()
 }
 
-#[tokio::test]
-async fn disaggregated_workers_give_the_aggregated_tokens() {
-    let prefill = start_worker_with(&["--role", "prefill"]);
+/// A prefill worker and a decode worker linked to it; prompts of 16 tokens or more are prefilled remotely.
+async fn linked_pair(model: &str) -> (Worker, Worker) {
+    let prefill = start_worker_with(&["--model", model, "--role", "prefill"]);
     let decode = start_worker_with(&[
+        "--model",
+        model,
         "--role",
         "decode",
         "--prefill-worker",
@@ -255,17 +257,26 @@ async fn disaggregated_workers_give_the_aggregated_tokens() {
         "16",
     ]);
     decode.wait_for_log("linked to prefill worker").await;
-    let mut conn = connect(&decode.addr).await;
-    let prompts = long_prompts();
+    (prefill, decode)
+}
+
+async fn send_all(conn: &mut Framed<TcpStream, FrameCodec>, prompts: &[Vec<u32>], max_tokens: u32) {
     for (i, p) in prompts.iter().enumerate() {
-        conn.send(Message::Generate(Generate {
+        let generate = Generate {
             id: i as u64,
             prompt_ids: p.clone(),
-            params: params(10),
-        }))
-        .await
-        .unwrap();
+            params: params(max_tokens),
+        };
+        conn.send(Message::Generate(generate)).await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn disaggregated_workers_give_the_aggregated_tokens() {
+    let (_prefill, decode) = linked_pair("tiny").await;
+    let mut conn = connect(&decode.addr).await;
+    let prompts = long_prompts();
+    send_all(&mut conn, &prompts, 10).await;
     let done = collect(&mut conn, prompts.len()).await;
     for ((id, tokens, _), p) in done.iter().zip(&prompts) {
         assert_eq!(tokens, &in_process(p, 10), "request {id} ({} prompt tokens)", p.len());
@@ -298,27 +309,10 @@ async fn disaggregated_workers_give_the_aggregated_tokens() {
 
 #[tokio::test]
 async fn requests_complete_when_the_prefill_worker_dies() {
-    let mut prefill = start_worker_with(&["--role", "prefill"]);
-    let decode = start_worker_with(&[
-        "--role",
-        "decode",
-        "--prefill-worker",
-        &prefill.addr,
-        "--remote-prefill-tokens-min",
-        "16",
-    ]);
-    decode.wait_for_log("linked to prefill worker").await;
+    let (mut prefill, decode) = linked_pair("tiny").await;
     let mut conn = connect(&decode.addr).await;
     let prompts = long_prompts();
-    for (i, p) in prompts.iter().enumerate() {
-        conn.send(Message::Generate(Generate {
-            id: i as u64,
-            prompt_ids: p.clone(),
-            params: params(10),
-        }))
-        .await
-        .unwrap();
-    }
+    send_all(&mut conn, &prompts, 10).await;
     // Killed while (or before) it prefills them: every request still completes, prefilled locally if need be.
     prefill.child.kill().unwrap();
     let done = collect(&mut conn, prompts.len()).await;
@@ -340,18 +334,7 @@ async fn requests_complete_when_the_prefill_worker_dies() {
 #[tokio::test]
 async fn cancelling_a_remote_prefill_stops_it_on_the_prefill_worker() {
     // The `small` preset prefills a 1,500-token prompt for seconds on two cores: time to cancel it mid-way.
-    let prefill = start_worker_with(&["--model", "small", "--role", "prefill"]);
-    let decode = start_worker_with(&[
-        "--model",
-        "small",
-        "--role",
-        "decode",
-        "--prefill-worker",
-        &prefill.addr,
-        "--remote-prefill-tokens-min",
-        "16",
-    ]);
-    decode.wait_for_log("linked to prefill worker").await;
+    let (prefill, decode) = linked_pair("small").await;
     let mut conn = connect(&decode.addr).await;
     let prompt: Vec<u32> = (0..1500).map(|i| (i * 13 % 256) as u32).collect();
     conn.send(Message::Generate(Generate {
@@ -420,15 +403,7 @@ async fn malformed_kv_from_a_prefill_peer_falls_back_to_local_prefill() {
     decode.wait_for_log("linked to prefill worker").await;
     let mut conn = connect(&decode.addr).await;
     let prompts: Vec<Vec<u32>> = long_prompts().into_iter().filter(|p| p.len() >= 16).collect();
-    for (i, p) in prompts.iter().enumerate() {
-        conn.send(Message::Generate(Generate {
-            id: i as u64,
-            prompt_ids: p.clone(),
-            params: params(8),
-        }))
-        .await
-        .unwrap();
-    }
+    send_all(&mut conn, &prompts, 8).await;
     let done = collect(&mut conn, prompts.len()).await;
     for ((id, tokens, _), p) in done.iter().zip(&prompts) {
         assert_eq!(tokens, &in_process(p, 8), "request {id}");
