@@ -35,6 +35,8 @@ enum Command {
     Selftest(selftest::SelftestArgs),
     /// Run a worker: one engine serving the worker protocol (docs/protocol.md) on TCP.
     Worker(WorkerArgs),
+    /// Load-test an OpenAI-compatible server: seeded open-loop workload, latency percentiles, goodput, plots.
+    Bench(cleave_bench::BenchArgs),
     /// Print a model's shape, parameter count and memory figures.
     Info {
         /// A Hugging Face model directory or a preset (tiny, small, llama3-8b, llama3-70b, qwen2.5-7b).
@@ -217,6 +219,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::BenchEngine(args) => bench_engine::run(args),
         Command::Selftest(args) => selftest::run(args),
         Command::Worker(args) => worker(args),
+        Command::Bench(args) => cleave_bench::run(args),
         Command::Info { model } => info(&model),
     }
 }

@@ -1,0 +1,1 @@
+//! Worker discovery through etcd.

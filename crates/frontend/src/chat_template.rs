@@ -1,0 +1,1 @@
+//! Chat templates from `tokenizer_config.json`, rendered the way Hugging Face transformers renders them.

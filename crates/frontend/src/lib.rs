@@ -1,0 +1,3 @@
+//! cleave's OpenAI-compatible HTTP frontend.
+
+pub mod chat_template;
