@@ -4,6 +4,7 @@ use std::time::Instant;
 
 mod bench_engine;
 mod selftest;
+mod serve;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -33,10 +34,15 @@ enum Command {
     BenchEngine(bench_engine::BenchEngineArgs),
     /// Check the GPU backend against the CPU backend and Hugging Face references on whatever GPU is present.
     Selftest(selftest::SelftestArgs),
+    /// Serve a model: start the workers of a deployment and the OpenAI-compatible API (default: tiny preset on the
+    /// CPU, one prefill and one decode worker, http://127.0.0.1:8000).
+    Serve(serve::ServeArgs),
+    /// Run the OpenAI-compatible HTTP frontend alone, for workers started elsewhere.
+    Frontend(serve::FrontendArgs),
     /// Run a worker: one engine serving the worker protocol (docs/protocol.md) on TCP.
     Worker(WorkerArgs),
     /// Load-test an OpenAI-compatible server: seeded open-loop workload, latency percentiles, goodput, plots.
-    Bench(cleave_bench::BenchArgs),
+    Bench(Box<cleave_bench::BenchArgs>),
     /// Print a model's shape, parameter count and memory figures.
     Info {
         /// A Hugging Face model directory or a preset (tiny, small, llama3-8b, llama3-70b, qwen2.5-7b).
@@ -120,12 +126,15 @@ struct WorkerArgs {
     /// Address to listen on (port 0 picks a free one; the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: std::net::SocketAddr,
-    /// Decode role: the prefill worker to send long prompts to.
+    /// Decode role: a prefill worker (host:port) to send long prompts to (repeatable). A frontend may name others.
     #[arg(long)]
-    prefill_worker: Option<std::net::SocketAddr>,
+    prefill_worker: Vec<String>,
     /// Decode role: prompts of at least this many tokens are prefilled remotely.
     #[arg(long, default_value_t = 512)]
     remote_prefill_tokens_min: usize,
+    /// Drain and exit when stdin closes (set by `cleave serve` for the workers it supervises).
+    #[arg(long, hide = true)]
+    drain_on_stdin_eof: bool,
 }
 
 fn worker(args: WorkerArgs) -> Result<()> {
@@ -141,8 +150,11 @@ fn worker(args: WorkerArgs) -> Result<()> {
     let worker_config = cleave_worker::WorkerConfig {
         role,
         listen: args.listen,
-        prefill_worker: args.prefill_worker,
+        prefill_workers: args.prefill_worker,
         remote_prefill_tokens_min: args.remote_prefill_tokens_min,
+        drain_on_stdin_eof: args.drain_on_stdin_eof,
+        on_listening: None,
+        on_drain: None,
     };
     with_engine!(&args.engine, resolved, config, |engine| {
         cleave_worker::serve(engine, worker_config).context("serving")
@@ -219,7 +231,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::BenchEngine(args) => bench_engine::run(args),
         Command::Selftest(args) => selftest::run(args),
         Command::Worker(args) => worker(args),
-        Command::Bench(args) => cleave_bench::run(args),
+        Command::Bench(args) => cleave_bench::run(*args),
+        Command::Serve(args) => serve::serve(args),
+        Command::Frontend(args) => serve::frontend(args),
         Command::Info { model } => info(&model),
     }
 }

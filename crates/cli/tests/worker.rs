@@ -168,6 +168,7 @@ async fn worker_streams_the_same_tokens_as_the_engine_and_survives_bad_clients()
             id: 1,
             prompt_ids: vec![256, 1, 2],
             params: params(500),
+            prefill_worker: None,
         }))
         .await
         .unwrap();
@@ -185,6 +186,7 @@ async fn worker_streams_the_same_tokens_as_the_engine_and_survives_bad_clients()
             id: 10 + i as u64,
             prompt_ids: p.clone(),
             params: params(12),
+            prefill_worker: None,
         }))
         .await
         .unwrap();
@@ -204,6 +206,7 @@ async fn worker_streams_the_same_tokens_as_the_engine_and_survives_bad_clients()
         id: 99,
         prompt_ids: vec![256, 3],
         params: params(3000),
+        prefill_worker: None,
     }))
     .await
     .unwrap();
@@ -218,6 +221,7 @@ async fn worker_streams_the_same_tokens_as_the_engine_and_survives_bad_clients()
         id: 7,
         prompt_ids: vec![9999],
         params: params(4),
+        prefill_worker: None,
     }))
     .await
     .unwrap();
@@ -229,6 +233,7 @@ async fn worker_streams_the_same_tokens_as_the_engine_and_survives_bad_clients()
         id: 8,
         prompt_ids: vec![256, 5],
         params: params(3),
+        prefill_worker: None,
     }))
     .await
     .unwrap();
@@ -266,6 +271,7 @@ async fn send_all(conn: &mut Framed<TcpStream, FrameCodec>, prompts: &[Vec<u32>]
             id: i as u64,
             prompt_ids: p.clone(),
             params: params(max_tokens),
+            prefill_worker: None,
         };
         conn.send(Message::Generate(generate)).await.unwrap();
     }
@@ -295,6 +301,7 @@ async fn disaggregated_workers_give_the_aggregated_tokens() {
         id: 20,
         prompt_ids: extended.clone(),
         params: params(10),
+        prefill_worker: None,
     }))
     .await
     .unwrap();
@@ -325,6 +332,7 @@ async fn requests_complete_when_the_prefill_worker_dies() {
         id: 50,
         prompt_ids: prompts[0].clone(),
         params: params(10),
+        prefill_worker: None,
     }))
     .await
     .unwrap();
@@ -341,6 +349,7 @@ async fn cancelling_a_remote_prefill_stops_it_on_the_prefill_worker() {
         id: 1,
         prompt_ids: prompt,
         params: params(5),
+        prefill_worker: None,
     }))
     .await
     .unwrap();

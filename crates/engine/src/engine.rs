@@ -234,6 +234,11 @@ impl<B: Backend> Engine<B> {
         self.pool.cached_prefix_len(&hashes) * self.config.block_size
     }
 
+    /// Prompt tokens queued for prefill here (see [`crate::scheduler::Scheduler::queued_prefill_tokens`]).
+    pub fn queued_prefill_tokens(&self) -> usize {
+        self.scheduler.queued_prefill_tokens()
+    }
+
     pub fn n_preemptions(&self) -> u64 {
         self.scheduler.n_preemptions()
     }

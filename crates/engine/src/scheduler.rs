@@ -196,6 +196,17 @@ impl Scheduler {
         self.running.len()
     }
 
+    /// Prompt tokens still to be computed by waiting and running sequences (a decoding sequence has none): the
+    /// prefill work queued on this engine.
+    pub fn queued_prefill_tokens(&self) -> usize {
+        self.waiting
+            .iter()
+            .chain(&self.running)
+            .filter_map(|id| self.seqs.get(id))
+            .map(|seq| if seq.n_remaining() > 1 { seq.n_remaining() } else { 0 })
+            .sum()
+    }
+
     pub fn n_preemptions(&self) -> u64 {
         self.n_preemptions
     }

@@ -27,12 +27,20 @@ impl Tokenizer {
 
     /// Token ids of `text`, with the special tokens (BOS) the tokenizer's post-processor adds.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, true)
+    }
+
+    /// Token ids of `text`; special tokens (BOS) only if `add_special_tokens` (a chat template writes its own).
+    pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         match self {
             Self::HuggingFace(t) => t
-                .encode(text, true)
+                .encode(text, add_special_tokens)
                 .map(|e| e.get_ids().to_vec())
                 .map_err(|e| Error::Tokenizer(format!("encode: {e}"))),
-            Self::Bytes => Ok(std::iter::once(BYTE_BOS).chain(text.bytes().map(u32::from)).collect()),
+            Self::Bytes => {
+                let bos = add_special_tokens.then_some(BYTE_BOS);
+                Ok(bos.into_iter().chain(text.bytes().map(u32::from)).collect())
+            }
         }
     }
 

@@ -175,6 +175,12 @@ impl BlockPool {
         self.cache.len()
     }
 
+    /// Every cached block and the hash it holds, in no particular order: the snapshot a new subscriber to this pool's
+    /// events starts from.
+    pub fn cached_blocks(&self) -> impl Iterator<Item = (BlockHash, BlockId)> + '_ {
+        self.cache.iter().map(|(&hash, &block)| (hash, block))
+    }
+
     /// Allocates a fresh, uncached block with refcount 1, or `None` when every block is in use.
     ///
     /// Takes a free block first, so cached prefixes survive as long as possible; otherwise evicts the least recently

@@ -28,6 +28,9 @@ use tokio_util::codec::{Decoder, Encoder};
 pub const MAGIC: [u8; 4] = *b"CLVW";
 pub const PROTOCOL_VERSION: u16 = 1;
 pub const HEADER_BYTES: usize = 12;
+/// Starts the `error` message of a request a worker refuses because it is shutting down: the sender should retry
+/// it on another worker.
+pub const DRAINING: &str = "worker is draining";
 /// Default bound on one frame's payload. A KV chunk is one block of one layer (Llama-3-70B, bf16, 16 tokens:
 /// 64 KiB); requests with long prompts are the largest control messages (a 128k-token prompt is ~1 MiB of JSON).
 pub const FRAME_BYTES_MAX_DEFAULT: usize = 64 << 20;
@@ -89,6 +92,64 @@ pub struct Generate {
     pub id: u64,
     pub prompt_ids: Vec<u32>,
     pub params: WireParams,
+    /// Decode role: the prefill worker (`host:port`) the router picked for this prompt, should the decode worker
+    /// decide to prefill it remotely. Absent: the decode worker's own `--prefill-worker`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_worker: Option<String>,
+}
+
+/// A change to a worker's cached KV blocks, as `cleave_kv::KvEvent` (which this crate does not depend on).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "event")]
+pub enum WireKvEvent {
+    /// `parent` is absent in the snapshot a worker sends a new subscriber (its pool does not keep parents).
+    Stored {
+        hash: u64,
+        parent: Option<u64>,
+        block: u32,
+    },
+    Removed {
+        hash: u64,
+        block: u32,
+    },
+    /// Forget everything known about this worker's blocks; the events that follow rebuild it.
+    Cleared,
+}
+
+/// Worker → subscriber (after `subscribe`): its load, the KV events since the last status, and running totals.
+/// Sent when something changed, at most every few milliseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub total_blocks: u32,
+    /// Blocks held by requests (cached blocks nobody uses are free: they are evictable).
+    pub active_blocks: u32,
+    /// Prompt tokens waiting for or in prefill on this worker.
+    pub queued_prefill_tokens: u64,
+    pub running_requests: u32,
+    pub waiting_requests: u32,
+    /// Decode role: requests waiting for their KV from a prefill worker.
+    pub remote_prefills_pending: u32,
+    /// The worker is shutting down: it finishes what it has and takes nothing new.
+    pub draining: bool,
+    pub kv_events: Vec<WireKvEvent>,
+    pub totals: WorkerTotals,
+}
+
+/// Monotonic counters since the worker started.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerTotals {
+    pub prefills_local: u64,
+    pub prefills_remote: u64,
+    /// Remote prefills that failed or were abandoned and were redone locally.
+    pub prefill_fallbacks: u64,
+    pub prompt_tokens: u64,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_prompt_tokens: u64,
+    /// KV received from (decode role) or sent to (prefill role) peers.
+    pub kv_transfer_bytes: u64,
+    /// Time from a remote prefill's request to its last KV chunk, summed.
+    pub kv_transfer_seconds: f64,
+    pub preemptions: u64,
 }
 
 /// Worker → frontend: what a request produced since the last update.
@@ -146,6 +207,9 @@ pub enum Message {
         id: u64,
         message: String,
     },
+    /// Ask a worker to stream its [`WorkerStatus`] on this connection.
+    Subscribe,
+    WorkerStatus(WorkerStatus),
 }
 
 /// Message kinds on the wire. Numbers are part of the protocol: never reuse one.
@@ -161,6 +225,8 @@ enum Kind {
     KvChunk = 7,
     PrefillDone = 8,
     PrefillFailed = 9,
+    Subscribe = 10,
+    WorkerStatus = 11,
 }
 
 impl Kind {
@@ -175,6 +241,8 @@ impl Kind {
             7 => Kind::KvChunk,
             8 => Kind::PrefillDone,
             9 => Kind::PrefillFailed,
+            10 => Kind::Subscribe,
+            11 => Kind::WorkerStatus,
             _ => return None,
         })
     }
@@ -338,6 +406,8 @@ impl Decoder for FrameCodec {
                     message: b.message,
                 }
             }
+            Kind::Subscribe => Message::Subscribe,
+            Kind::WorkerStatus => Message::WorkerStatus(json("worker_status", &payload)?),
         };
         Ok(Some(message))
     }
@@ -376,6 +446,8 @@ impl Encoder<Message> for FrameCodec {
                 Kind::PrefillFailed,
                 to_json(serde_json::to_vec(&PrefillFailedBody { id, message }))?,
             ),
+            Message::Subscribe => (Kind::Subscribe, Vec::new()),
+            Message::WorkerStatus(m) => (Kind::WorkerStatus, to_json(serde_json::to_vec(&m))?),
             Message::KvChunk(c) => {
                 // Written straight into the output buffer: KV is the bulk of the traffic.
                 let len = KV_CHUNK_HEADER_BYTES + c.bytes.len();

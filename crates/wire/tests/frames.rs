@@ -34,6 +34,7 @@ fn all_messages() -> Vec<Message> {
             id: 1,
             prompt_ids: vec![256, 72, 105],
             params: params(),
+            prefill_worker: Some("10.0.0.7:7001".into()),
         }),
         Message::Tokens(Tokens {
             id: 1,
@@ -66,6 +67,31 @@ fn all_messages() -> Vec<Message> {
             id: 4,
             message: "out of KV blocks".into(),
         },
+        Message::Subscribe,
+        Message::WorkerStatus(WorkerStatus {
+            total_blocks: 1000,
+            active_blocks: 12,
+            queued_prefill_tokens: 4096,
+            running_requests: 3,
+            waiting_requests: 1,
+            remote_prefills_pending: 1,
+            draining: false,
+            kv_events: vec![
+                WireKvEvent::Cleared,
+                WireKvEvent::Stored {
+                    hash: u64::MAX,
+                    parent: None,
+                    block: 3,
+                },
+                WireKvEvent::Removed { hash: 1, block: 3 },
+            ],
+            totals: WorkerTotals {
+                prefills_remote: 2,
+                kv_transfer_bytes: 1 << 40,
+                kv_transfer_seconds: 0.25,
+                ..WorkerTotals::default()
+            },
+        }),
     ]
 }
 

@@ -1,0 +1,526 @@
+//! `cleave serve` and `cleave frontend`: the one command that starts a whole deployment (worker processes it
+//! supervises plus the HTTP frontend in this process), and the frontend alone for workers started elsewhere.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use cleave_frontend::metrics::Metrics;
+use cleave_frontend::model::ServedModel;
+use cleave_frontend::workers::WorkerPool;
+use cleave_frontend::{AppState, FrontendConfig};
+use cleave_router::RouterConfig;
+use cleave_wire::Role;
+use serde::Deserialize;
+
+/// How long workers get to finish their requests after the frontend stopped, before they are killed.
+const WORKER_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a worker may take to load its model and listen.
+const WORKER_START_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A deployment: what `--config FILE` holds (YAML; every field optional) and what the flags override.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeploymentSpec {
+    /// A Hugging Face model directory or a preset.
+    pub model: String,
+    /// The name clients use in `model`; default: `model`.
+    pub served_model_name: Option<String>,
+    /// auto, cpu or cuda; default cpu for the tiny preset, else auto.
+    pub backend: Option<String>,
+    pub host: String,
+    pub port: u16,
+    pub block_size: usize,
+    pub kv_cache_mib: Option<usize>,
+    pub kv_cache_fraction: f64,
+    /// Decode workers prefill remotely when the uncached part of a prompt has at least this many tokens.
+    pub remote_prefill_tokens_min: usize,
+    pub max_in_flight: usize,
+    pub router: RouterSpec,
+    pub aggregated: PoolSpec,
+    pub prefill: PoolSpec,
+    pub decode: PoolSpec,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterSpec {
+    pub overlap_weight: f64,
+    pub load_weight: f64,
+    pub temperature: f64,
+}
+
+/// One pool of workers of a role.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSpec {
+    pub count: usize,
+    /// GPU ordinals, one per worker, given out in order (wrapping around); empty: GPU 0.
+    pub devices: Vec<usize>,
+    /// prefill-first or chunked.
+    pub scheduler: String,
+    pub step_tokens: usize,
+}
+
+impl Default for DeploymentSpec {
+    fn default() -> Self {
+        Self {
+            model: "tiny".into(),
+            served_model_name: None,
+            backend: None,
+            host: "127.0.0.1".into(),
+            port: 8000,
+            block_size: 16,
+            kv_cache_mib: None,
+            kv_cache_fraction: 0.85,
+            remote_prefill_tokens_min: 256,
+            max_in_flight: FrontendConfig::default().max_in_flight,
+            router: RouterSpec::default(),
+            aggregated: PoolSpec::default(),
+            prefill: PoolSpec {
+                count: 1,
+                scheduler: "prefill-first".into(),
+                step_tokens: 8192,
+                ..PoolSpec::default()
+            },
+            decode: PoolSpec {
+                count: 1,
+                ..PoolSpec::default()
+            },
+        }
+    }
+}
+
+impl Default for RouterSpec {
+    fn default() -> Self {
+        Self {
+            overlap_weight: 1.0,
+            load_weight: 1.0,
+            temperature: 0.0,
+        }
+    }
+}
+
+impl Default for PoolSpec {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            devices: Vec::new(),
+            scheduler: "chunked".into(),
+            step_tokens: 512,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A YAML deployment spec (see docs/serve.md); flags override its fields.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A Hugging Face model directory or a preset (tiny, small, llama3-8b, llama3-70b, qwen2.5-7b).
+    #[arg(long)]
+    model: Option<String>,
+    /// The model name clients send (default: --model).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// auto, cpu or cuda (default: cpu for the tiny preset, else auto).
+    #[arg(long)]
+    backend: Option<String>,
+    #[arg(long)]
+    host: Option<String>,
+    #[arg(long)]
+    port: Option<u16>,
+    #[arg(long)]
+    aggregated_workers: Option<usize>,
+    #[arg(long)]
+    prefill_workers: Option<usize>,
+    #[arg(long)]
+    decode_workers: Option<usize>,
+    /// Scheduler policy of aggregated and decode workers: prefill-first or chunked.
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Token budget per step of aggregated and decode workers.
+    #[arg(long)]
+    step_tokens: Option<usize>,
+    /// Decode workers prefill remotely when the uncached part of a prompt has at least this many tokens.
+    #[arg(long)]
+    remote_prefill_tokens_min: Option<usize>,
+    /// KV cache per worker in MiB (default: 256 on the CPU, --kv-cache-fraction of free memory on a GPU).
+    #[arg(long)]
+    kv_cache_mib: Option<usize>,
+    /// Print the resolved spec as JSON and exit.
+    #[arg(long)]
+    print_spec: bool,
+}
+
+impl ServeArgs {
+    fn spec(&self) -> Result<DeploymentSpec> {
+        let mut spec = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                serde_yaml_ng::from_str(&text)
+                    .with_context(|| format!("{} is not a valid deployment spec", path.display()))?
+            }
+            None => DeploymentSpec::default(),
+        };
+        macro_rules! set {
+            ($flag:expr, $field:expr) => {
+                if let Some(v) = $flag.clone() {
+                    $field = v;
+                }
+            };
+        }
+        set!(self.model, spec.model);
+        if self.served_model_name.is_some() {
+            spec.served_model_name = self.served_model_name.clone();
+        }
+        if self.backend.is_some() {
+            spec.backend = self.backend.clone();
+        }
+        set!(self.host, spec.host);
+        set!(self.port, spec.port);
+        set!(self.aggregated_workers, spec.aggregated.count);
+        set!(self.prefill_workers, spec.prefill.count);
+        set!(self.decode_workers, spec.decode.count);
+        if let Some(s) = &self.scheduler {
+            spec.aggregated.scheduler = s.clone();
+            spec.decode.scheduler = s.clone();
+        }
+        if let Some(n) = self.step_tokens {
+            spec.aggregated.step_tokens = n;
+            spec.decode.step_tokens = n;
+        }
+        set!(self.remote_prefill_tokens_min, spec.remote_prefill_tokens_min);
+        if self.kv_cache_mib.is_some() {
+            spec.kv_cache_mib = self.kv_cache_mib;
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+impl DeploymentSpec {
+    fn validate(&self) -> Result<()> {
+        if self.aggregated.count + self.decode.count == 0 {
+            bail!("the deployment has no worker that decodes: give --aggregated-workers or --decode-workers");
+        }
+        if self.prefill.count > 0 && self.decode.count == 0 {
+            bail!("prefill workers serve decode workers: add --decode-workers");
+        }
+        for (name, pool) in [
+            ("aggregated", &self.aggregated),
+            ("prefill", &self.prefill),
+            ("decode", &self.decode),
+        ] {
+            cleave_engine::scheduler::SchedulerPolicy::parse(&pool.scheduler, pool.step_tokens)
+                .map_err(|e| anyhow::anyhow!("{name} pool: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn backend(&self) -> String {
+        self.backend
+            .clone()
+            .unwrap_or_else(|| if self.model == "tiny" { "cpu" } else { "auto" }.into())
+    }
+
+    fn served_name(&self) -> String {
+        self.served_model_name.clone().unwrap_or_else(|| self.model.clone())
+    }
+
+    fn router_config(&self) -> RouterConfig {
+        RouterConfig {
+            overlap_weight: self.router.overlap_weight,
+            load_weight: self.router.load_weight,
+            temperature: self.router.temperature,
+            ..RouterConfig::new(self.block_size)
+        }
+    }
+}
+
+/// A worker process `cleave serve` started. Its stdin is a pipe that only we hold: when we close it (or die), the
+/// worker drains and exits.
+struct WorkerProcess {
+    role: Role,
+    addr: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+fn role_arg(role: Role) -> &'static str {
+    match role {
+        Role::Aggregated => "aggregated",
+        Role::Prefill => "prefill",
+        Role::Decode => "decode",
+        Role::Frontend => "frontend",
+    }
+}
+
+/// Starts one worker process; its address arrives later through `wait_listening`.
+fn spawn_worker(
+    spec: &DeploymentSpec,
+    role: Role,
+    index: usize,
+    prefill_addrs: &[String],
+) -> Result<(Child, ChildStdin)> {
+    let pool = match role {
+        Role::Aggregated => &spec.aggregated,
+        Role::Prefill => &spec.prefill,
+        _ => &spec.decode,
+    };
+    let device = if pool.devices.is_empty() {
+        0
+    } else {
+        pool.devices[index % pool.devices.len()]
+    };
+    let exe = std::env::current_exe().context("locating the cleave binary")?;
+    let mut command = Command::new(exe);
+    command
+        .arg("worker")
+        .args([
+            "--role",
+            role_arg(role),
+            "--model",
+            &spec.model,
+            "--backend",
+            &spec.backend(),
+        ])
+        .args(["--device", &device.to_string(), "--listen", &format!("{}:0", spec.host)])
+        .args([
+            "--block-size",
+            &spec.block_size.to_string(),
+            "--scheduler",
+            &pool.scheduler,
+        ])
+        .args(["--step-tokens", &pool.step_tokens.to_string()])
+        .args(["--kv-cache-fraction", &spec.kv_cache_fraction.to_string()])
+        .args([
+            "--remote-prefill-tokens-min",
+            &spec.remote_prefill_tokens_min.to_string(),
+        ])
+        .arg("--drain-on-stdin-eof");
+    if let Some(mib) = spec.kv_cache_mib {
+        command.args(["--kv-cache-mib", &mib.to_string()]);
+    }
+    for addr in prefill_addrs {
+        command.args(["--prefill-worker", addr]);
+    }
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting a worker process")?;
+    let stdin = child.stdin.take().expect("piped");
+    Ok((child, stdin))
+}
+
+/// Reads the worker's `listening on ADDR` line, then keeps draining its stdout so it never blocks on a full pipe.
+fn wait_listening(child: &mut Child, role: Role) -> Result<String> {
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines.next().transpose().context("reading a worker's output")?;
+    let Some(line) = line else {
+        let status = child.wait().ok();
+        bail!(
+            "the {} worker exited before listening ({status:?}); its errors are above",
+            role_arg(role)
+        );
+    };
+    let addr = line
+        .strip_prefix("listening on ")
+        .with_context(|| format!("unexpected first line from a worker: {line:?}"))?
+        .to_string();
+    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+    Ok(addr)
+}
+
+/// Starts `count` workers of a role at once (models load in parallel) and waits until all listen.
+fn start_pool(spec: &DeploymentSpec, role: Role, count: usize, prefill_addrs: &[String]) -> Result<Vec<WorkerProcess>> {
+    let started = Instant::now();
+    let mut spawned = Vec::new();
+    for index in 0..count {
+        spawned.push(spawn_worker(spec, role, index, prefill_addrs)?);
+    }
+    let mut workers = Vec::new();
+    for (mut child, stdin) in spawned {
+        let addr = wait_listening(&mut child, role)?;
+        workers.push(WorkerProcess {
+            role,
+            addr,
+            child,
+            stdin: Some(stdin),
+        });
+    }
+    if started.elapsed() > WORKER_START_TIMEOUT {
+        tracing::warn!("workers took {:?} to start", started.elapsed());
+    }
+    Ok(workers)
+}
+
+/// Closes the workers' stdin (they drain and exit), waits, and kills those that take too long.
+fn stop_workers(workers: &mut [WorkerProcess]) {
+    for w in workers.iter_mut() {
+        w.stdin.take();
+    }
+    let deadline = Instant::now() + WORKER_DRAIN_TIMEOUT;
+    for w in workers.iter_mut() {
+        loop {
+            match w.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    eprintln!(
+                        "cleave: {} worker {} did not drain in time: killing it",
+                        role_arg(w.role),
+                        w.addr
+                    );
+                    let _ = w.child.kill();
+                    let _ = w.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    let spec = args.spec()?;
+    if args.print_spec {
+        println!("{spec:#?}");
+        return Ok(());
+    }
+    let model = ServedModel::load(&spec.model, Some(&spec.served_name()))
+        .with_context(|| format!("loading model {:?}", spec.model))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // Bind first: a taken port should fail before minutes of model loading.
+    let listen = format!("{}:{}", spec.host, spec.port);
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(&listen))
+        .with_context(|| format!("listening on {listen}"))?;
+    let addr = listener.local_addr()?;
+
+    let mut workers = start_pool(&spec, Role::Prefill, spec.prefill.count, &[])?;
+    let prefill_addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+    let decoders = start_pool(&spec, Role::Decode, spec.decode.count, &prefill_addrs);
+    let aggregated = decoders.and_then(|mut d| {
+        d.extend(start_pool(&spec, Role::Aggregated, spec.aggregated.count, &[])?);
+        Ok(d)
+    });
+    match aggregated {
+        Ok(more) => workers.extend(more),
+        Err(e) => {
+            stop_workers(&mut workers);
+            return Err(e);
+        }
+    }
+    let metrics = Arc::new(Metrics::new());
+    let result = runtime.block_on(async {
+        let pool = WorkerPool::new(&model.name, spec.block_size, spec.router_config(), metrics.clone());
+        for w in &workers {
+            pool.add_worker(&w.addr, w.role);
+        }
+        let config = FrontendConfig {
+            max_in_flight: spec.max_in_flight,
+            ..FrontendConfig::default()
+        };
+        let state = Arc::new(AppState::new(model, pool.clone(), metrics, config));
+        wait_ready(&pool, &spec).await?;
+        println!("serving {} on http://{addr}", state.model.name);
+        axum::serve(listener, cleave_frontend::routes(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving HTTP")
+    });
+    eprintln!("cleave: stopping workers");
+    stop_workers(&mut workers);
+    result
+}
+
+/// Waits until the frontend is connected to every worker (each has reported its status).
+async fn wait_ready(pool: &WorkerPool, spec: &DeploymentSpec) -> Result<()> {
+    let want = (spec.aggregated.count + spec.decode.count, spec.prefill.count);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = pool.ready();
+        if ready == want && pool.capacity_tokens().is_some() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("workers started but the frontend could not reach them all: {ready:?} of {want:?} ready");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("cleave: draining in-flight requests");
+}
+
+#[derive(Args)]
+pub struct FrontendArgs {
+    /// The model the workers serve (a Hugging Face directory or a preset): its tokenizer and chat template.
+    #[arg(long, default_value = "tiny")]
+    model: String,
+    #[arg(long)]
+    served_model_name: Option<String>,
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Tokens per KV block, as the workers were started with.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// A worker as ROLE=HOST:PORT (aggregated, prefill or decode); repeatable.
+    #[arg(long = "worker", value_parser = parse_worker)]
+    workers: Vec<(Role, String)>,
+}
+
+fn parse_worker(s: &str) -> Result<(Role, String), String> {
+    let (role, addr) = s.split_once('=').ok_or("expected ROLE=HOST:PORT")?;
+    let role = match role {
+        "aggregated" => Role::Aggregated,
+        "prefill" => Role::Prefill,
+        "decode" => Role::Decode,
+        other => return Err(format!("unknown role {other:?} (aggregated, prefill, decode)")),
+    };
+    Ok((role, addr.to_string()))
+}
+
+pub fn frontend(args: FrontendArgs) -> Result<()> {
+    let model = ServedModel::load(&args.model, args.served_model_name.as_deref())
+        .with_context(|| format!("loading model {:?}", args.model))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let metrics = Arc::new(Metrics::new());
+        let pool = WorkerPool::new(
+            &model.name,
+            args.block_size,
+            RouterConfig::new(args.block_size),
+            metrics.clone(),
+        );
+        for (role, addr) in &args.workers {
+            pool.add_worker(addr, *role);
+        }
+        let state = Arc::new(AppState::new(model, pool, metrics, FrontendConfig::default()));
+        println!("serving {} on http://{}", state.model.name, listener.local_addr()?);
+        axum::serve(listener, cleave_frontend::routes(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving HTTP")
+    })
+}

@@ -1,0 +1,578 @@
+//! The engine loop: owns the engine, turns commands into engine calls, routes outputs to their connections,
+//! decides local or remote prefill (decode role), serves prefill requests (prefill role), and publishes status.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cleave_engine::backend::Backend;
+use cleave_engine::engine::{Engine, FinishReason, KvBlockChunk, RemotePrefill, RequestOutput, RequestParams};
+use cleave_engine::sampler::SamplingParams;
+use cleave_kv::KvEvent;
+use cleave_wire::{
+    DRAINING, Hello, KvChunk, Message, PrefillRequest, Role, Tokens, WireKvEvent, WireParams, WorkerStatus,
+    WorkerTotals,
+};
+use tokio::sync::mpsc;
+
+use crate::connection::CancelledPrefills;
+use crate::{Command, PREFILL_LINKS_MAX, REMOTE_PENDING_MAX, WorkerConfig};
+
+/// Status goes out at most this often while the worker is busy (KV events wait for it), and at least this often...
+const STATUS_INTERVAL_MIN: Duration = Duration::from_millis(10);
+/// ...and at least this often when nothing changes, so subscribers can tell a live worker from a stuck one.
+const STATUS_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Status subscribers at most (frontends and standalone routers).
+const SUBSCRIBERS_MAX: usize = 64;
+
+/// A request in the engine: where its output goes and under which id the client knows it.
+struct Client {
+    client_id: u64,
+    outbox: mpsc::Sender<Message>,
+}
+
+/// A request parked while a prefill worker computes its KV.
+struct PendingRemote {
+    link: String,
+    sent_at: Instant,
+}
+
+struct Subscriber {
+    outbox: mpsc::Sender<Message>,
+    /// A status was dropped (outbox full): the next one starts with a full snapshot of the cached blocks.
+    resync: bool,
+}
+
+pub(crate) struct EngineLoop<'a, B: Backend> {
+    engine: &'a mut Engine<B>,
+    role: Role,
+    hello: Hello,
+    remote_prefill_tokens_min: usize,
+    cancelled: CancelledPrefills,
+    runtime: tokio::runtime::Handle,
+    inbox: SyncSender<Command>,
+    clients: HashMap<u64, Client>,
+    /// Decode role: prefill workers by address; `None` while (re)connecting.
+    links: HashMap<String, Option<mpsc::Sender<Message>>>,
+    pending: HashMap<u64, PendingRemote>,
+    subscribers: Vec<Subscriber>,
+    /// KV events not yet published.
+    kv_events: Vec<WireKvEvent>,
+    totals: WorkerTotals,
+    last_status: Option<(Instant, WorkerStatus)>,
+    draining: bool,
+}
+
+impl<'a, B: Backend> EngineLoop<'a, B> {
+    pub(crate) fn new(
+        engine: &'a mut Engine<B>,
+        config: &WorkerConfig,
+        hello: Hello,
+        cancelled: CancelledPrefills,
+        runtime: tokio::runtime::Handle,
+        inbox: SyncSender<Command>,
+    ) -> Self {
+        let mut this = Self {
+            engine,
+            role: config.role,
+            hello,
+            remote_prefill_tokens_min: config.remote_prefill_tokens_min,
+            cancelled,
+            runtime,
+            inbox,
+            clients: HashMap::new(),
+            links: HashMap::new(),
+            pending: HashMap::new(),
+            subscribers: Vec::new(),
+            kv_events: Vec::new(),
+            totals: WorkerTotals::default(),
+            last_status: None,
+            draining: false,
+        };
+        if config.role == Role::Decode {
+            for addr in &config.prefill_workers {
+                this.ensure_link(addr);
+            }
+        }
+        this
+    }
+
+    /// Runs until drained (or until every sender of the inbox is gone).
+    pub(crate) fn run(mut self, inbox: Receiver<Command>, mut on_drain: Option<Box<dyn FnOnce()>>) {
+        loop {
+            // Block for work only when idle; otherwise take what is queued and step.
+            // Parked requests (waiting for remote KV) are not work for the engine loop.
+            let busy = self.engine.n_waiting() + self.engine.n_running() > 0;
+            let first = if busy {
+                inbox.try_recv().ok()
+            } else {
+                match inbox.recv_timeout(Duration::from_millis(100)) {
+                    Ok(c) => Some(c),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            for command in first.into_iter().chain(std::iter::from_fn(|| inbox.try_recv().ok())) {
+                self.handle(command);
+            }
+            if self.draining
+                && let Some(hook) = on_drain.take()
+            {
+                hook();
+            }
+            if self.engine.n_waiting() + self.engine.n_running() > 0 {
+                self.step();
+            }
+            self.publish_status();
+            if self.draining && self.clients.is_empty() && self.pending.is_empty() && !self.engine.has_unfinished() {
+                tracing::info!("drained");
+                return;
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        match self.engine.step() {
+            Ok(outputs) => {
+                for out in outputs {
+                    self.route(out);
+                }
+            }
+            Err(e) => {
+                tracing::error!("engine step failed: {e}");
+                for (id, client) in self.clients.drain() {
+                    self.engine.cancel(id);
+                    let _ = client.outbox.try_send(Message::Error {
+                        id: Some(client.client_id),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Generate {
+                id,
+                client_id,
+                prompt_ids,
+                params,
+                prefill_worker,
+                outbox,
+            } => self.generate(id, Client { client_id, outbox }, prompt_ids, &params, prefill_worker),
+            Command::Cancel { id } => {
+                // A cancelled remote prefill is stopped on the prefill worker too.
+                if let Some(pending) = self.pending.remove(&id)
+                    && let Some(Some(link)) = self.links.get(&pending.link)
+                {
+                    let _ = link.try_send(Message::Cancel { id });
+                }
+                if let (Some(out), Some(client)) = (self.engine.cancel(id), self.clients.remove(&id)) {
+                    deliver(&client, out);
+                }
+            }
+            Command::Prefill { conn, request, outbox } => self.prefill_for(conn, request, &outbox),
+            Command::Subscribe(outbox) => {
+                if self.subscribers.len() < SUBSCRIBERS_MAX {
+                    self.subscribers.push(Subscriber { outbox, resync: true });
+                    self.last_status = None; // send the newcomer its snapshot now
+                } else {
+                    let message = format!("{SUBSCRIBERS_MAX} status subscribers already");
+                    let _ = outbox.try_send(Message::Error { id: None, message });
+                }
+            }
+            Command::PrefillLinkUp { addr, outbox } => {
+                self.links.insert(addr, Some(outbox));
+            }
+            Command::PrefillLinkDown { addr } => {
+                if let Some(link) = self.links.get_mut(&addr) {
+                    *link = None;
+                }
+                let lost: Vec<u64> = self
+                    .pending
+                    .iter()
+                    .filter(|(_, p)| p.link == addr)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in lost {
+                    tracing::warn!(request = id, %addr, "prefill link lost: prefilling locally");
+                    self.fall_back(id);
+                }
+            }
+            Command::RemoteKv(chunk) => {
+                if !self.pending.contains_key(&chunk.id) {
+                    return; // cancelled or fallen back: late chunks are dropped
+                }
+                let kv = KvBlockChunk {
+                    layer_idx: chunk.layer_idx as usize,
+                    block_index: chunk.block_index as usize,
+                    bytes: &chunk.bytes,
+                };
+                match self.engine.import_kv_block(chunk.id, &kv) {
+                    Ok(()) => self.totals.kv_transfer_bytes += chunk.bytes.len() as u64,
+                    Err(e) => {
+                        tracing::warn!(
+                            request = chunk.id,
+                            "bad KV from the prefill worker ({e}): prefilling locally"
+                        );
+                        self.fall_back(chunk.id);
+                    }
+                }
+            }
+            Command::RemoteDone { id, first_token } => {
+                let Some(pending) = self.pending.remove(&id) else {
+                    return;
+                };
+                match self.engine.finish_remote_prefill(id, first_token) {
+                    Ok(out) => {
+                        let seconds = pending.sent_at.elapsed().as_secs_f64();
+                        tracing::info!(request = id, seconds, "prefilled remotely");
+                        self.totals.kv_transfer_seconds += seconds;
+                        self.route(out);
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            request = id,
+                            "finishing the remote prefill failed ({e}): prefilling locally"
+                        );
+                        self.totals.prefill_fallbacks += 1;
+                        let _ = self.engine.fall_back_to_local_prefill(id);
+                    }
+                }
+            }
+            Command::RemoteFailed { id, message } => {
+                if self.pending.contains_key(&id) {
+                    tracing::warn!(request = id, "remote prefill failed ({message}): prefilling locally");
+                    self.fall_back(id);
+                }
+            }
+            Command::Drain => {
+                self.draining = true;
+                self.last_status = None; // tell subscribers now
+            }
+        }
+    }
+
+    fn generate(
+        &mut self,
+        id: u64,
+        client: Client,
+        prompt_ids: Vec<u32>,
+        params: &WireParams,
+        prefill_worker: Option<String>,
+    ) {
+        if self.draining {
+            let message = format!("{DRAINING}: retry on another worker");
+            let _ = client.outbox.try_send(Message::Error {
+                id: Some(client.client_id),
+                message,
+            });
+            return;
+        }
+        let cached = self.engine.cached_prefix_tokens(&prompt_ids);
+        let link = match self.role {
+            Role::Decode => self.remote_prefill_link(prompt_ids.len(), cached, prefill_worker),
+            _ => None,
+        };
+        let n_prompt = prompt_ids.len() as u64;
+        let added = match link {
+            Some((addr, outbox)) => self.start_remote_prefill(id, prompt_ids, params, addr, &outbox),
+            None => self
+                .engine
+                .add_request(id, prompt_ids, request_params(params))
+                .map(|()| {
+                    self.totals.prefills_local += 1;
+                }),
+        };
+        match added {
+            Ok(()) => {
+                self.totals.prompt_tokens += n_prompt;
+                self.totals.cached_prompt_tokens += cached as u64;
+                self.clients.insert(id, client);
+            }
+            Err(e) => {
+                let _ = client.outbox.try_send(Message::Error {
+                    id: Some(client.client_id),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Conditional disaggregation: prefill remotely only when it pays — the part of the prompt not already in this
+    /// worker's prefix cache is long enough that computing it here would stall the running decodes, and the
+    /// prefill pool is not backed up. Returns the link to use. Each decision is logged with its inputs.
+    fn remote_prefill_link(
+        &mut self,
+        prompt: usize,
+        cached: usize,
+        named: Option<String>,
+    ) -> Option<(String, mpsc::Sender<Message>)> {
+        let uncached = prompt - cached;
+        let wanted = uncached >= self.remote_prefill_tokens_min && self.pending.len() < REMOTE_PENDING_MAX;
+        let link = match named {
+            Some(addr) => {
+                self.ensure_link(&addr);
+                self.links.get(&addr).cloned().flatten().map(|outbox| (addr, outbox))
+            }
+            None => self.least_busy_link(),
+        };
+        let decision = if wanted && link.is_some() { "remote" } else { "local" };
+        tracing::debug!(
+            prompt,
+            cached,
+            uncached,
+            threshold = self.remote_prefill_tokens_min,
+            pending = self.pending.len(),
+            link = link.as_ref().map(|(addr, _)| addr.as_str()),
+            "{decision} prefill"
+        );
+        link.filter(|_| wanted)
+    }
+
+    fn least_busy_link(&self) -> Option<(String, mpsc::Sender<Message>)> {
+        self.links
+            .iter()
+            .filter_map(|(addr, link)| Some((addr, link.as_ref()?)))
+            .min_by_key(|(addr, _)| self.pending.values().filter(|p| &p.link == *addr).count())
+            .map(|(addr, outbox)| (addr.clone(), outbox.clone()))
+    }
+
+    /// Starts linking to the prefill worker at `addr` unless a link exists or is being made.
+    fn ensure_link(&mut self, addr: &str) {
+        if self.links.contains_key(addr) || self.links.len() >= PREFILL_LINKS_MAX {
+            return;
+        }
+        self.links.insert(addr.to_string(), None);
+        let task = crate::prefill_link::prefill_link(addr.to_string(), self.inbox.clone(), self.hello.clone());
+        self.runtime.spawn(task);
+    }
+
+    /// Parks the request and asks the prefill worker for its KV; if the link cannot take the request, it is
+    /// queued for local prefill instead.
+    fn start_remote_prefill(
+        &mut self,
+        id: u64,
+        prompt_ids: Vec<u32>,
+        params: &WireParams,
+        link: String,
+        outbox: &mpsc::Sender<Message>,
+    ) -> cleave_engine::Result<()> {
+        let plan = self
+            .engine
+            .add_remote_prefill_request(id, prompt_ids, request_params(params))?;
+        let request = PrefillRequest {
+            id,
+            prompt_ids: plan.prompt_ids,
+            n_cached_blocks: plan.n_cached_blocks as u32,
+            n_blocks: plan.n_blocks as u32,
+            params: params.clone(),
+        };
+        if outbox.try_send(Message::PrefillRequest(request)).is_err() {
+            self.totals.prefills_local += 1;
+            return self.engine.fall_back_to_local_prefill(id);
+        }
+        self.totals.prefills_remote += 1;
+        let sent_at = Instant::now();
+        self.pending.insert(id, PendingRemote { link, sent_at });
+        Ok(())
+    }
+
+    fn fall_back(&mut self, id: u64) {
+        self.pending.remove(&id);
+        self.totals.prefill_fallbacks += 1;
+        let _ = self.engine.fall_back_to_local_prefill(id);
+    }
+
+    /// Prefill role: one decode worker's prompt, its KV streamed layer by layer.
+    fn prefill_for(&mut self, conn: u64, request: PrefillRequest, outbox: &mpsc::Sender<Message>) {
+        let id = request.id;
+        if self.draining {
+            let message = DRAINING.to_string();
+            let _ = outbox.blocking_send(Message::PrefillFailed { id, message });
+            return;
+        }
+        let cancelled = self.cancelled.clone();
+        let plan = RemotePrefill {
+            prompt_ids: request.prompt_ids,
+            n_cached_blocks: request.n_cached_blocks as usize,
+            n_blocks: request.n_blocks as usize,
+        };
+        let started = Instant::now();
+        let mut bytes_sent = 0u64;
+        let mut sink = |chunk: KvBlockChunk| {
+            if cancelled.lock().contains(&(conn, id)) {
+                return Err(cleave_engine::Error::InvalidRequest(format!(
+                    "prefill of request {id} cancelled"
+                )));
+            }
+            bytes_sent += chunk.bytes.len() as u64;
+            let message = Message::KvChunk(KvChunk {
+                id,
+                layer_idx: chunk.layer_idx as u32,
+                block_index: chunk.block_index as u32,
+                bytes: Bytes::copy_from_slice(chunk.bytes),
+            });
+            // Blocking: the link's bounded outbox and TCP pace the prefill to what the decode worker takes.
+            outbox
+                .blocking_send(message)
+                .map_err(|_| cleave_engine::Error::Backend {
+                    backend: "worker",
+                    message: "the decode worker's link closed".into(),
+                })
+        };
+        let result = self
+            .engine
+            .prefill_remote(&plan, &request_params(&request.params), &mut sink);
+        self.totals.prefills_local += 1;
+        self.totals.prompt_tokens += plan.prompt_ids.len() as u64;
+        self.totals.kv_transfer_bytes += bytes_sent;
+        self.totals.kv_transfer_seconds += started.elapsed().as_secs_f64();
+        let reply = match result {
+            Ok(first_token) => Message::PrefillDone { id, first_token },
+            Err(e) => Message::PrefillFailed {
+                id,
+                message: e.to_string(),
+            },
+        };
+        if self.cancelled.lock().remove(&(conn, id)) {
+            tracing::info!(request = id, "prefill cancelled by the decode worker");
+        }
+        let _ = outbox.blocking_send(reply);
+    }
+
+    fn route(&mut self, out: RequestOutput) {
+        let id = out.id;
+        let finished = out.finish.is_some();
+        let delivered = self.clients.get(&id).is_some_and(|c| deliver(c, out));
+        if finished || !delivered {
+            self.clients.remove(&id);
+        }
+        if !delivered && !finished {
+            // The client is gone or too slow: free the request's blocks now.
+            self.engine.cancel(id);
+        }
+    }
+
+    /// Sends the worker's status to its subscribers when something changed (at most every
+    /// [`STATUS_INTERVAL_MIN`]) or when a heartbeat is due. KV events are collected every time so the pool's
+    /// bounded buffer never overflows.
+    fn publish_status(&mut self) {
+        self.kv_events
+            .extend(self.engine.drain_kv_events().iter().map(wire_kv_event));
+        if self.subscribers.is_empty() {
+            self.kv_events.clear();
+            return;
+        }
+        let status = self.status();
+        let due = match &self.last_status {
+            None => true,
+            Some((at, last)) => {
+                let changed = !self.kv_events.is_empty() || *last != status;
+                at.elapsed() >= STATUS_HEARTBEAT || (changed && at.elapsed() >= STATUS_INTERVAL_MIN)
+            }
+        };
+        if !due {
+            return;
+        }
+        let events = std::mem::take(&mut self.kv_events);
+        let snapshot = || -> Vec<WireKvEvent> {
+            let stored = self
+                .engine
+                .block_pool()
+                .cached_blocks()
+                .map(|(hash, block)| WireKvEvent::Stored {
+                    hash: hash.0,
+                    parent: None,
+                    block,
+                });
+            std::iter::once(WireKvEvent::Cleared).chain(stored).collect()
+        };
+        self.subscribers.retain_mut(|sub| {
+            let kv_events = if sub.resync { snapshot() } else { events.clone() };
+            let message = Message::WorkerStatus(WorkerStatus {
+                kv_events,
+                ..status.clone()
+            });
+            match sub.outbox.try_send(message) {
+                Ok(()) => {
+                    sub.resync = false;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    sub.resync = true;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        self.last_status = Some((Instant::now(), status));
+    }
+
+    /// The load part of the status (no KV events).
+    fn status(&self) -> WorkerStatus {
+        let pool = self.engine.block_pool();
+        WorkerStatus {
+            total_blocks: pool.n_blocks() as u32,
+            active_blocks: pool.n_in_use() as u32,
+            queued_prefill_tokens: self.engine.queued_prefill_tokens() as u64,
+            running_requests: self.engine.n_running() as u32,
+            waiting_requests: self.engine.n_waiting() as u32,
+            remote_prefills_pending: self.pending.len() as u32,
+            draining: self.draining,
+            kv_events: Vec::new(),
+            totals: WorkerTotals {
+                preemptions: self.engine.n_preemptions(),
+                ..self.totals.clone()
+            },
+        }
+    }
+}
+
+fn wire_kv_event(event: &KvEvent) -> WireKvEvent {
+    match *event {
+        KvEvent::Stored { hash, parent, block } => WireKvEvent::Stored {
+            hash: hash.0,
+            parent: parent.map(|p| p.0),
+            block,
+        },
+        KvEvent::Removed { hash, block } => WireKvEvent::Removed { hash: hash.0, block },
+        KvEvent::Cleared => WireKvEvent::Cleared,
+    }
+}
+
+fn request_params(p: &WireParams) -> RequestParams {
+    RequestParams {
+        max_tokens: p.max_tokens as usize,
+        min_tokens: p.min_tokens as usize,
+        sampling: SamplingParams {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k as usize,
+            seed: p.seed,
+        },
+        stop_token_ids: p.stop_token_ids.clone(),
+        stop: p.stop.clone(),
+        ignore_eos: p.ignore_eos,
+    }
+}
+
+/// Sends one output; false when the client's outbox is full or closed.
+fn deliver(client: &Client, out: RequestOutput) -> bool {
+    let finish = out.finish.map(|f| match f {
+        FinishReason::Length => "length",
+        FinishReason::Stop => "stop",
+        FinishReason::Cancelled => "cancelled",
+    });
+    let tokens = Tokens {
+        id: client.client_id,
+        token_ids: out.token_ids,
+        text: out.text,
+        finish: finish.map(str::to_string),
+        n_prompt_tokens: out.n_prompt_tokens as u32,
+        n_cached_tokens: out.n_cached_tokens as u32,
+    };
+    client.outbox.try_send(Message::Tokens(tokens)).is_ok()
+}
