@@ -91,3 +91,33 @@ fn info_prints_the_real_shapes() {
     assert!(stdout.contains("8030261248 (8.03 B)"), "{stdout}");
     assert!(stdout.contains("131072 bytes in bf16"), "{stdout}");
 }
+
+#[test]
+fn deployment_specs_parse_and_bad_ones_are_named() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let (ok, stdout, stderr) = cleave(&["serve", "--config", path.to_str().unwrap(), "--print-spec"]);
+        assert!(ok, "{}: {stderr}", path.display());
+        assert!(stdout.contains("model:"), "{stdout}");
+        n += 1;
+    }
+    assert!(n >= 4, "the experiment's specs are in deploy/");
+    // Flags override the spec.
+    let (ok, stdout, _) = cleave(&["serve", "--print-spec", "--decode-workers", "3", "--port", "9"]);
+    assert!(
+        ok && stdout.contains("port: 9") && stdout.contains("count: 3"),
+        "{stdout}"
+    );
+    let spec = std::env::temp_dir().join(format!("cleave-bad-spec-{}.yaml", std::process::id()));
+    std::fs::write(&spec, "model: tiny\nprefil:\n  count: 1\n").unwrap();
+    let (ok, _, stderr) = cleave(&["serve", "--config", spec.to_str().unwrap(), "--print-spec"]);
+    assert!(
+        !ok && stderr.contains("not a valid deployment spec") && stderr.contains("prefil"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = cleave(&["serve", "--print-spec", "--decode-workers", "0"]);
+    assert!(!ok && stderr.contains("decode"), "{stderr}");
+    std::fs::remove_file(spec).unwrap();
+}
