@@ -157,6 +157,8 @@ impl WorkerPool {
             block_size: block_size as u32,
             n_layers: 0,
             kv_block_bytes: 0,
+            kv_share: None,
+            transport: None,
         };
         let router = Router::new(RouterConfig { block_size, ..router }).expect("a valid router configuration");
         Self {

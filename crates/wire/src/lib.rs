@@ -58,6 +58,34 @@ pub struct Hello {
     pub n_layers: u32,
     /// Bytes of one block of one layer on the sender's backend (which also fixes the KV element type).
     pub kv_block_bytes: u64,
+    /// Decode worker → prefill worker: its KV pool, for a prefill worker on the same host to write into directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_share: Option<KvPoolShare>,
+    /// Prefill worker → decode worker: how KV will move on this link (absent: TCP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
+}
+
+/// A decode worker's KV pool as same-host peers can map it (CUDA IPC).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvPoolShare {
+    /// Identifies the host (machine id and boot id): the handle means nothing elsewhere.
+    pub host: String,
+    /// The backend's handle to the pool's allocation, hex.
+    pub handle: String,
+    pub layer_bytes: u64,
+    pub block_bytes: u64,
+    pub n_layers: u32,
+}
+
+/// How KV moves from a prefill worker to a decode worker, chosen per link at handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// `kv_chunk` frames on the link itself.
+    Tcp,
+    /// The prefill worker copies device to device into the decode worker's pool; only `prefill_done` crosses.
+    CudaIpc,
 }
 
 /// Sampling and stopping, as the engine's `RequestParams`.
@@ -172,6 +200,9 @@ pub struct PrefillRequest {
     pub n_cached_blocks: u32,
     pub n_blocks: u32,
     pub params: WireParams,
+    /// CUDA IPC links: the decode worker's block id for each block of the prompt; the prefill worker writes there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_blocks: Option<Vec<u32>>,
 }
 
 /// Prefill worker → decode worker: one layer of one block of a request's KV (block_index is the position in the

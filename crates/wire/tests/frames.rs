@@ -29,6 +29,14 @@ fn all_messages() -> Vec<Message> {
             block_size: 16,
             n_layers: 2,
             kv_block_bytes: 4096,
+            kv_share: Some(KvPoolShare {
+                host: "0123abcd-1".into(),
+                handle: "00ff".repeat(32),
+                layer_bytes: 1 << 30,
+                block_bytes: 65536,
+                n_layers: 32,
+            }),
+            transport: Some(Transport::CudaIpc),
         }),
         Message::Generate(Generate {
             id: 1,
@@ -55,6 +63,7 @@ fn all_messages() -> Vec<Message> {
             n_cached_blocks: 2,
             n_blocks: 19,
             params: params(),
+            dst_blocks: Some((100..119).collect()),
         }),
         Message::KvChunk(KvChunk {
             id: 4,

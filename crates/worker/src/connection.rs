@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 
-use cleave_wire::{FrameCodec, Generate, Hello, Message, Role};
+use cleave_wire::{FrameCodec, Generate, Hello, Message, Role, Transport};
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -82,10 +82,24 @@ async fn serve_connection(
                 peer, hello
             ));
         }
-        outbox
-            .send(Message::Hello(hello.clone()))
-            .await
-            .map_err(|e| e.to_string())?;
+        // A decode worker on this host offering its KV pool: map it, and tell it KV will move device to device.
+        let mut reply = hello.clone();
+        if hello.role == Role::Prefill && peer.role == Role::Decode {
+            let ipc = match &peer.kv_share {
+                Some(share) if share.host == crate::host_id() => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let open = Command::OpenPeer {
+                        conn,
+                        share: share.clone(),
+                        reply: tx,
+                    };
+                    inbox.try_send(open).is_ok() && rx.await.unwrap_or(false)
+                }
+                _ => false,
+            };
+            reply.transport = Some(if ipc { Transport::CudaIpc } else { Transport::Tcp });
+        }
+        outbox.send(Message::Hello(reply)).await.map_err(|e| e.to_string())?;
         while let Some(frame) = stream.next().await {
             match (hello.role, frame.map_err(|e| e.to_string())?) {
                 (Role::Aggregated | Role::Decode, Message::Generate(g)) => {
@@ -131,6 +145,9 @@ async fn serve_connection(
     }
     // The client is gone or broke the protocol: nothing it asked for may keep running.
     cancelled.lock().retain(|&(c, _)| c != conn);
+    if hello.role == Role::Prefill {
+        let _ = inbox.try_send(Command::ClosePeer { conn });
+    }
     for engine_id in ids.into_values() {
         let _ = inbox.try_send(Command::Cancel { id: engine_id });
     }

@@ -6,13 +6,13 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cleave_engine::backend::Backend;
+use cleave_engine::backend::{Backend, KvCacheExport, PeerKvCache};
 use cleave_engine::engine::{Engine, FinishReason, KvBlockChunk, RemotePrefill, RequestOutput, RequestParams};
 use cleave_engine::sampler::SamplingParams;
 use cleave_kv::KvEvent;
 use cleave_wire::{
-    DRAINING, Hello, KvChunk, Message, PrefillRequest, Role, Tokens, WireKvEvent, WireParams, WorkerStatus,
-    WorkerTotals,
+    DRAINING, Hello, KvChunk, KvPoolShare, Message, PrefillRequest, Role, Tokens, WireKvEvent, WireParams,
+    WorkerStatus, WorkerTotals,
 };
 use tokio::sync::mpsc;
 
@@ -36,6 +36,20 @@ struct Client {
 struct PendingRemote {
     link: String,
     sent_at: Instant,
+    /// KV bytes the prefill worker sends.
+    bytes: u64,
+    /// The prefill worker writes straight into this request's blocks (CUDA IPC).
+    ipc: bool,
+    /// Cancelled while the prefill worker may still be writing into its blocks: they are freed only once it
+    /// answers (or its link is gone), never handed to another request before.
+    cancelled: bool,
+}
+
+/// A link to a prefill worker, once up.
+#[derive(Clone)]
+struct Link {
+    outbox: mpsc::Sender<Message>,
+    ipc: bool,
 }
 
 struct Subscriber {
@@ -54,8 +68,10 @@ pub(crate) struct EngineLoop<'a, B: Backend> {
     inbox: SyncSender<Command>,
     clients: HashMap<u64, Client>,
     /// Decode role: prefill workers by address; `None` while (re)connecting.
-    links: HashMap<String, Option<mpsc::Sender<Message>>>,
+    links: HashMap<String, Option<Link>>,
     pending: HashMap<u64, PendingRemote>,
+    /// Prefill role: decode workers' KV pools mapped into this process, by connection.
+    peers: HashMap<u64, PeerKvCache>,
     subscribers: Vec<Subscriber>,
     /// KV events not yet published.
     kv_events: Vec<WireKvEvent>,
@@ -84,6 +100,7 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
             clients: HashMap::new(),
             links: HashMap::new(),
             pending: HashMap::new(),
+            peers: HashMap::new(),
             subscribers: Vec::new(),
             kv_events: Vec::new(),
             totals: WorkerTotals::default(),
@@ -164,10 +181,20 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
             } => self.generate(id, Client { client_id, outbox }, prompt_ids, &params, prefill_worker),
             Command::Cancel { id } => {
                 // A cancelled remote prefill is stopped on the prefill worker too.
-                if let Some(pending) = self.pending.remove(&id)
-                    && let Some(Some(link)) = self.links.get(&pending.link)
-                {
-                    let _ = link.try_send(Message::Cancel { id });
+                if let Some(pending) = self.pending.get_mut(&id) {
+                    if pending.cancelled {
+                        return;
+                    }
+                    if let Some(Some(link)) = self.links.get(&pending.link) {
+                        let _ = link.outbox.try_send(Message::Cancel { id });
+                    }
+                    if pending.ipc {
+                        // Its blocks may still be written by the prefill worker: free them when it answers.
+                        pending.cancelled = true;
+                        self.clients.remove(&id);
+                        return;
+                    }
+                    self.pending.remove(&id);
                 }
                 if let (Some(out), Some(client)) = (self.engine.cancel(id), self.clients.remove(&id)) {
                     deliver(&client, out);
@@ -183,8 +210,17 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                     let _ = outbox.try_send(Message::Error { id: None, message });
                 }
             }
-            Command::PrefillLinkUp { addr, outbox } => {
-                self.links.insert(addr, Some(outbox));
+            Command::OpenPeer { conn, share, reply } => {
+                let opened = self.open_peer(conn, &share);
+                let _ = reply.send(opened);
+            }
+            Command::ClosePeer { conn } => {
+                if let Some(peer) = self.peers.remove(&conn) {
+                    self.engine.close_peer_kv_cache(peer);
+                }
+            }
+            Command::PrefillLinkUp { addr, outbox, ipc } => {
+                self.links.insert(addr, Some(Link { outbox, ipc }));
             }
             Command::PrefillLinkDown { addr } => {
                 if let Some(link) = self.links.get_mut(&addr) {
@@ -197,6 +233,11 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                     .map(|(&id, _)| id)
                     .collect();
                 for id in lost {
+                    if self.pending[&id].cancelled {
+                        self.pending.remove(&id);
+                        self.engine.cancel(id);
+                        continue;
+                    }
                     tracing::warn!(request = id, %addr, "prefill link lost: prefilling locally");
                     self.fall_back(id);
                 }
@@ -225,11 +266,18 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                 let Some(pending) = self.pending.remove(&id) else {
                     return;
                 };
+                if pending.cancelled {
+                    self.engine.cancel(id);
+                    return;
+                }
                 match self.engine.finish_remote_prefill(id, first_token) {
                     Ok(out) => {
                         let seconds = pending.sent_at.elapsed().as_secs_f64();
-                        tracing::info!(request = id, seconds, "prefilled remotely");
+                        tracing::info!(request = id, seconds, ipc = pending.ipc, "prefilled remotely");
                         self.totals.kv_transfer_seconds += seconds;
+                        if pending.ipc {
+                            self.totals.kv_transfer_bytes += pending.bytes;
+                        }
                         self.route(out);
                     }
                     Err(e) => {
@@ -243,7 +291,10 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                 }
             }
             Command::RemoteFailed { id, message } => {
-                if self.pending.contains_key(&id) {
+                if self.pending.get(&id).is_some_and(|p| p.cancelled) {
+                    self.pending.remove(&id);
+                    self.engine.cancel(id);
+                } else if self.pending.contains_key(&id) {
                     tracing::warn!(request = id, "remote prefill failed ({message}): prefilling locally");
                     self.fall_back(id);
                 }
@@ -278,7 +329,7 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
         };
         let n_prompt = prompt_ids.len() as u64;
         let added = match link {
-            Some((addr, outbox)) => self.start_remote_prefill(id, prompt_ids, params, addr, &outbox),
+            Some((addr, link)) => self.start_remote_prefill(id, prompt_ids, params, addr, &link),
             None => self
                 .engine
                 .add_request(id, prompt_ids, request_params(params))
@@ -304,12 +355,7 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
     /// Conditional disaggregation: prefill remotely only when it pays — the part of the prompt not already in this
     /// worker's prefix cache is long enough that computing it here would stall the running decodes, and the
     /// prefill pool is not backed up. Returns the link to use. Each decision is logged with its inputs.
-    fn remote_prefill_link(
-        &mut self,
-        prompt: usize,
-        cached: usize,
-        named: Option<String>,
-    ) -> Option<(String, mpsc::Sender<Message>)> {
+    fn remote_prefill_link(&mut self, prompt: usize, cached: usize, named: Option<String>) -> Option<(String, Link)> {
         let uncached = prompt - cached;
         let wanted = uncached >= self.remote_prefill_tokens_min && self.pending.len() < REMOTE_PENDING_MAX;
         let link = match named {
@@ -332,12 +378,12 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
         link.filter(|_| wanted)
     }
 
-    fn least_busy_link(&self) -> Option<(String, mpsc::Sender<Message>)> {
+    fn least_busy_link(&self) -> Option<(String, Link)> {
         self.links
             .iter()
             .filter_map(|(addr, link)| Some((addr, link.as_ref()?)))
             .min_by_key(|(addr, _)| self.pending.values().filter(|p| &p.link == *addr).count())
-            .map(|(addr, outbox)| (addr.clone(), outbox.clone()))
+            .map(|(addr, link)| (addr.clone(), link.clone()))
     }
 
     /// Starts linking to the prefill worker at `addr` unless a link exists or is being made.
@@ -357,27 +403,64 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
         id: u64,
         prompt_ids: Vec<u32>,
         params: &WireParams,
-        link: String,
-        outbox: &mpsc::Sender<Message>,
+        addr: String,
+        link: &Link,
     ) -> cleave_engine::Result<()> {
         let plan = self
             .engine
             .add_remote_prefill_request(id, prompt_ids, request_params(params))?;
+        let n_layers = self.engine.kv_layout().n_layers as u64;
+        let bytes = (plan.n_blocks - plan.n_cached_blocks) as u64 * n_layers * self.engine.kv_block_bytes() as u64;
         let request = PrefillRequest {
             id,
             prompt_ids: plan.prompt_ids,
             n_cached_blocks: plan.n_cached_blocks as u32,
             n_blocks: plan.n_blocks as u32,
             params: params.clone(),
+            dst_blocks: if link.ipc { self.engine.parked_blocks(id) } else { None },
         };
-        if outbox.try_send(Message::PrefillRequest(request)).is_err() {
+        if link.outbox.try_send(Message::PrefillRequest(request)).is_err() {
             self.totals.prefills_local += 1;
             return self.engine.fall_back_to_local_prefill(id);
         }
         self.totals.prefills_remote += 1;
-        let sent_at = Instant::now();
-        self.pending.insert(id, PendingRemote { link, sent_at });
+        let pending = PendingRemote {
+            link: addr,
+            sent_at: Instant::now(),
+            bytes,
+            ipc: link.ipc,
+            cancelled: false,
+        };
+        self.pending.insert(id, pending);
         Ok(())
+    }
+
+    /// Prefill role: maps a same-host decode worker's KV pool. False (KV then moves over TCP) if it cannot.
+    fn open_peer(&mut self, conn: u64, share: &KvPoolShare) -> bool {
+        let handle: Option<Vec<u8>> = (0..share.handle.len())
+            .step_by(2)
+            .map(|i| share.handle.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .collect();
+        let Some(handle) = handle else { return false };
+        let export = KvCacheExport {
+            handle,
+            layer_bytes: share.layer_bytes,
+            block_bytes: share.block_bytes,
+            n_layers: share.n_layers,
+        };
+        match self.engine.open_peer_kv_cache(&export) {
+            Ok(peer) => {
+                tracing::info!(conn, "mapped a decode worker's KV pool: KV moves device to device");
+                if let Some(old) = self.peers.insert(conn, peer) {
+                    self.engine.close_peer_kv_cache(old);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(conn, "cannot map the decode worker's KV pool ({e}): KV moves over TCP");
+                false
+            }
+        }
     }
 
     fn fall_back(&mut self, id: u64) {
@@ -386,7 +469,8 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
         let _ = self.engine.fall_back_to_local_prefill(id);
     }
 
-    /// Prefill role: one decode worker's prompt, its KV streamed layer by layer.
+    /// Prefill role: one decode worker's prompt, its KV written layer by layer into the decode worker's pool
+    /// (CUDA IPC) or streamed on the link.
     fn prefill_for(&mut self, conn: u64, request: PrefillRequest, outbox: &mpsc::Sender<Message>) {
         let id = request.id;
         if self.draining {
@@ -394,38 +478,57 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
             let _ = outbox.blocking_send(Message::PrefillFailed { id, message });
             return;
         }
-        let cancelled = self.cancelled.clone();
         let plan = RemotePrefill {
             prompt_ids: request.prompt_ids,
             n_cached_blocks: request.n_cached_blocks as usize,
             n_blocks: request.n_blocks as usize,
         };
+        let params = request_params(&request.params);
         let started = Instant::now();
         let mut bytes_sent = 0u64;
-        let mut sink = |chunk: KvBlockChunk| {
+        let cancelled = self.cancelled.clone();
+        let check_cancelled = || {
             if cancelled.lock().contains(&(conn, id)) {
                 return Err(cleave_engine::Error::InvalidRequest(format!(
                     "prefill of request {id} cancelled"
                 )));
             }
-            bytes_sent += chunk.bytes.len() as u64;
-            let message = Message::KvChunk(KvChunk {
-                id,
-                layer_idx: chunk.layer_idx as u32,
-                block_index: chunk.block_index as u32,
-                bytes: Bytes::copy_from_slice(chunk.bytes),
-            });
-            // Blocking: the link's bounded outbox and TCP pace the prefill to what the decode worker takes.
-            outbox
-                .blocking_send(message)
-                .map_err(|_| cleave_engine::Error::Backend {
-                    backend: "worker",
-                    message: "the decode worker's link closed".into(),
-                })
+            Ok(())
         };
-        let result = self
-            .engine
-            .prefill_remote(&plan, &request_params(&request.params), &mut sink);
+        let result = match (&request.dst_blocks, self.peers.get(&conn)) {
+            (Some(dst_blocks), Some(peer)) => {
+                let mut keep_going = check_cancelled;
+                let result = self
+                    .engine
+                    .prefill_remote_to_peer(&plan, &params, peer, dst_blocks, &mut keep_going);
+                let blocks = (plan.n_blocks - plan.n_cached_blocks) as u64;
+                bytes_sent = blocks * self.engine.kv_layout().n_layers as u64 * self.engine.kv_block_bytes() as u64;
+                result
+            }
+            (Some(_), None) => Err(cleave_engine::Error::InvalidRequest(
+                "destination blocks given, but this link has no mapped KV pool".into(),
+            )),
+            (None, _) => {
+                let mut sink = |chunk: KvBlockChunk| {
+                    check_cancelled()?;
+                    bytes_sent += chunk.bytes.len() as u64;
+                    let message = Message::KvChunk(KvChunk {
+                        id,
+                        layer_idx: chunk.layer_idx as u32,
+                        block_index: chunk.block_index as u32,
+                        bytes: Bytes::copy_from_slice(chunk.bytes),
+                    });
+                    // Blocking: the link's bounded outbox and TCP pace the prefill to what the decode worker takes.
+                    outbox
+                        .blocking_send(message)
+                        .map_err(|_| cleave_engine::Error::Backend {
+                            backend: "worker",
+                            message: "the decode worker's link closed".into(),
+                        })
+                };
+                self.engine.prefill_remote(&plan, &params, &mut sink)
+            }
+        };
         self.totals.prefills_local += 1;
         self.totals.prompt_tokens += plan.prompt_ids.len() as u64;
         self.totals.kv_transfer_bytes += bytes_sent;

@@ -28,7 +28,7 @@ use std::sync::mpsc::{SyncSender, sync_channel};
 
 use cleave_engine::backend::Backend;
 use cleave_engine::engine::Engine;
-use cleave_wire::{Hello, KvChunk, Message, PrefillRequest, Role, WireParams};
+use cleave_wire::{Hello, KvChunk, KvPoolShare, Message, PrefillRequest, Role, WireParams};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -80,10 +80,21 @@ enum Command {
     },
     /// Stream this worker's status to `outbox`.
     Subscribe(mpsc::Sender<Message>),
-    /// Decode role, from the link to the prefill worker at `addr`.
+    /// Prefill role: a decode worker on this host offers its KV pool; map it for connection `conn` and answer
+    /// whether that worked (then its prefills are copied device to device).
+    OpenPeer {
+        conn: u64,
+        share: KvPoolShare,
+        reply: tokio::sync::oneshot::Sender<bool>,
+    },
+    ClosePeer {
+        conn: u64,
+    },
+    /// Decode role, from the link to the prefill worker at `addr`; `ipc`: it writes KV straight into our pool.
     PrefillLinkUp {
         addr: String,
         outbox: mpsc::Sender<Message>,
+        ipc: bool,
     },
     PrefillLinkDown {
         addr: String,
@@ -130,6 +141,17 @@ pub fn serve<B: Backend>(mut engine: Engine<B>, mut config: WorkerConfig) -> std
         block_size: engine.kv_layout().block_size as u32,
         n_layers: engine.kv_layout().n_layers as u32,
         kv_block_bytes: engine.kv_block_bytes() as u64,
+        kv_share: match config.role {
+            Role::Decode => engine.export_kv_cache().map(|e| KvPoolShare {
+                host: host_id(),
+                handle: e.handle.iter().map(|b| format!("{b:02x}")).collect(),
+                layer_bytes: e.layer_bytes,
+                block_bytes: e.block_bytes,
+                n_layers: e.n_layers,
+            }),
+            _ => None,
+        },
+        transport: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -167,6 +189,17 @@ pub fn serve<B: Backend>(mut engine: Engine<B>, mut config: WorkerConfig) -> std
     )
     .run(inbox_rx, on_drain);
     Ok(())
+}
+
+/// Identifies this host for same-host transports: a CUDA IPC handle only means something to processes on the machine
+/// (and boot) that made it.
+pub(crate) fn host_id() -> String {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default().trim().to_string();
+    format!(
+        "{}-{}",
+        read("/etc/machine-id"),
+        read("/proc/sys/kernel/random/boot_id")
+    )
 }
 
 async fn drain_on_signal(inbox: SyncSender<Command>) {

@@ -4,7 +4,7 @@
 use std::sync::mpsc::SyncSender;
 use std::time::Duration;
 
-use cleave_wire::{FrameCodec, Hello, Message, Role};
+use cleave_wire::{FrameCodec, Hello, Message, Role, Transport};
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -43,19 +43,23 @@ async fn link_once(addr: &str, inbox: &SyncSender<Command>, hello: &Hello) -> Re
     sink.send(Message::Hello(hello.clone()))
         .await
         .map_err(|e| e.to_string())?;
-    match stream.next().await {
-        Some(Ok(Message::Hello(peer))) if peer.role == Role::Prefill && compatible(hello, &peer) => {}
+    let ipc = match stream.next().await {
+        Some(Ok(Message::Hello(peer))) if peer.role == Role::Prefill && compatible(hello, &peer) => {
+            peer.transport == Some(Transport::CudaIpc)
+        }
         other => {
             return Err(format!(
                 "prefill worker at {addr} refused or is incompatible: {other:?}"
             ));
         }
-    }
-    tracing::info!(%addr, "linked to prefill worker");
+    };
+    let transport = if ipc { "CUDA IPC" } else { "TCP" };
+    tracing::info!(%addr, "linked to prefill worker, KV over {transport}");
     let (outbox, mut outbox_rx) = mpsc::channel::<Message>(OUTBOX_MAX);
     let up = Command::PrefillLinkUp {
         addr: addr.to_string(),
         outbox,
+        ipc,
     };
     inbox.send(up).map_err(|e| e.to_string())?;
     loop {

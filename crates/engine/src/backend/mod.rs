@@ -14,6 +14,29 @@ use crate::error::Result;
 use crate::rope::Rope;
 use crate::weights::HostTensor;
 
+/// A KV cache as exported for peer processes on the same host (CUDA IPC): the handle of its one allocation and the
+/// geometry to find a block of a layer in it. Peers must run the same model (same layers and block bytes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvCacheExport {
+    /// The backend's handle to the allocation (a `CUipcMemHandle`, 64 bytes).
+    pub handle: Vec<u8>,
+    /// Bytes from one layer to the next.
+    pub layer_bytes: u64,
+    /// Bytes of one block of one layer.
+    pub block_bytes: u64,
+    pub n_layers: u32,
+}
+
+/// A peer's KV cache mapped into this process (see [`Backend::open_peer_kv_cache`]).
+#[derive(Debug)]
+pub struct PeerKvCache {
+    /// Where the peer's cache starts in this process's address space.
+    pub base: u64,
+    pub layer_bytes: u64,
+    pub block_bytes: u64,
+    pub n_layers: u32,
+}
+
 /// Shape of the paged KV cache. Layer by layer, block by block: for each layer, block `b` is one contiguous run of
 /// `2 * block_size * n_kv_heads * head_dim` elements — first K then V, each token-major (`[block_size][n_kv_heads]
 /// [head_dim]`). So one block of one layer can be exported or imported as a single contiguous copy (disaggregation
@@ -164,6 +187,39 @@ pub trait Backend: Send + Sync {
     /// `None` where the backend has no such path (the engine then samples on the host).
     fn greedy_tokens(&self, _logits: &Self::Tensor) -> Option<Result<Vec<u32>>> {
         None
+    }
+
+    /// This KV cache as another process on the same host can open it with [`Backend::open_peer_kv_cache`] (CUDA
+    /// IPC), or `None` where the backend cannot share its memory (the CPU backend).
+    fn export_kv_cache(&self, _cache: &Self::KvCache) -> Option<KvCacheExport> {
+        None
+    }
+
+    /// Opens a peer process's KV cache from its export, for [`Backend::copy_kv_blocks_to_peer`].
+    fn open_peer_kv_cache(&self, _export: &KvCacheExport) -> Result<PeerKvCache> {
+        Err(crate::error::Error::Backend {
+            backend: "this",
+            message: "this backend cannot open another process's KV cache".into(),
+        })
+    }
+
+    /// Releases what [`Backend::open_peer_kv_cache`] mapped.
+    fn close_peer_kv_cache(&self, _peer: PeerKvCache) {}
+
+    /// Copies layer `layer_idx` of blocks `(ours, theirs)` from this cache into the peer's, device to device,
+    /// ordered after the work already queued (so after the layer's K and V are written) and before any later
+    /// download of results, which is how the caller knows the copies are done.
+    fn copy_kv_blocks_to_peer(
+        &self,
+        _cache: &Self::KvCache,
+        _peer: &PeerKvCache,
+        _layer_idx: usize,
+        _blocks: &[(u32, u32)],
+    ) -> Result<()> {
+        Err(crate::error::Error::Backend {
+            backend: "this",
+            message: "this backend cannot copy KV into another process's cache".into(),
+        })
     }
 
     /// Device memory still free, where the backend has its own (sizes the KV pool as a fraction of it).

@@ -10,7 +10,7 @@
 use cleave_kv::block_hashes;
 
 use super::{Engine, RequestOutput, RequestParams};
-use crate::backend::{Backend, SeqSlice, StepBatch};
+use crate::backend::{Backend, KvCacheExport, PeerKvCache, SeqSlice, StepBatch};
 use crate::error::{Error, Result};
 use crate::sampler::Sampler;
 use crate::scheduler::SeqId;
@@ -33,6 +33,10 @@ pub struct KvBlockChunk<'a> {
     pub bytes: &'a [u8],
 }
 
+/// What [`Engine::prefill_remote`] and [`Engine::prefill_remote_to_peer`] do after each layer: `(backend, cache,
+/// layer, blocks)`, where `blocks` are this engine's blocks of the request, by position in its sequence.
+type LayerDone<'a, B> = dyn FnMut(&B, &<B as Backend>::KvCache, usize, &[u32]) -> Result<()> + 'a;
+
 impl<B: Backend> Engine<B> {
     /// Decode side: validates and parks a request whose prompt another engine prefills, with its KV blocks
     /// allocated. Returns what to ask of the prefill engine.
@@ -52,6 +56,38 @@ impl<B: Backend> Engine<B> {
             n_cached_blocks,
             n_blocks: blocks.len(),
         })
+    }
+
+    /// Decode side: the block ids a parked request's KV goes to, by position in its sequence (what a prefill engine
+    /// writing straight into this engine's cache needs), or `None` if the request is not parked.
+    pub fn parked_blocks(&self, id: SeqId) -> Option<Vec<u32>> {
+        self.scheduler
+            .is_parked(id)
+            .then(|| self.scheduler.seq(id).map(|seq| seq.blocks.clone()))
+            .flatten()
+    }
+
+    /// This engine's KV cache as a prefill engine in another process on this host can open it (CUDA IPC), or
+    /// `None` where the backend cannot share memory.
+    pub fn export_kv_cache(&self) -> Option<KvCacheExport> {
+        self.backend.export_kv_cache(&self.cache)
+    }
+
+    /// Prefill side: maps a decode engine's exported cache, to write remote prefills straight into it.
+    pub fn open_peer_kv_cache(&self, export: &KvCacheExport) -> Result<PeerKvCache> {
+        if export.n_layers as usize != self.layout.n_layers
+            || export.block_bytes as usize != self.backend.kv_block_bytes(&self.layout)
+        {
+            return Err(Error::InvalidRequest(format!(
+                "the peer's KV cache ({} layers of {}-byte blocks) does not match this model's",
+                export.n_layers, export.block_bytes
+            )));
+        }
+        self.backend.open_peer_kv_cache(export)
+    }
+
+    pub fn close_peer_kv_cache(&self, peer: PeerKvCache) {
+        self.backend.close_peer_kv_cache(peer);
     }
 
     /// Decode side: writes one layer of one block of a parked request's prompt KV. Blocks the decode side already
@@ -125,6 +161,60 @@ impl<B: Backend> Engine<B> {
         params: &RequestParams,
         sink: &mut dyn FnMut(KvBlockChunk) -> Result<()>,
     ) -> Result<u32> {
+        let mut bytes = vec![0u8; self.backend.kv_block_bytes(&self.layout)];
+        self.prefill_remote_with(remote, params, &mut |backend, cache, layer_idx, blocks| {
+            for (block_index, &block) in blocks.iter().enumerate().skip(remote.n_cached_blocks) {
+                backend.export_kv_block(cache, layer_idx, block, &mut bytes)?;
+                sink(KvBlockChunk {
+                    layer_idx,
+                    block_index,
+                    bytes: &bytes,
+                })?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Prefill side, same host: as [`prefill_remote`](Self::prefill_remote), but each layer's blocks are copied
+    /// device to device into the decode engine's cache (`peer`, opened with
+    /// [`open_peer_kv_cache`](Self::open_peer_kv_cache)): block `i` of the request goes to `dst_blocks[i]`.
+    /// `keep_going` is asked before each layer; an error from it (a cancel) stops the prefill there. When this
+    /// returns, every copy has completed.
+    pub fn prefill_remote_to_peer(
+        &mut self,
+        remote: &RemotePrefill,
+        params: &RequestParams,
+        peer: &PeerKvCache,
+        dst_blocks: &[u32],
+        keep_going: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<u32> {
+        if dst_blocks.len() != remote.n_blocks {
+            return Err(Error::InvalidRequest(format!(
+                "{} destination blocks for a prompt of {} blocks",
+                dst_blocks.len(),
+                remote.n_blocks
+            )));
+        }
+        self.prefill_remote_with(remote, params, &mut |backend, cache, layer_idx, blocks| {
+            keep_going()?;
+            let pairs: Vec<(u32, u32)> = blocks
+                .iter()
+                .zip(dst_blocks)
+                .skip(remote.n_cached_blocks)
+                .map(|(&ours, &theirs)| (ours, theirs))
+                .collect();
+            backend.copy_kv_blocks_to_peer(cache, peer, layer_idx, &pairs)
+        })
+    }
+
+    /// Computes the prompt and calls `per_layer(backend, cache, layer, blocks)` after each layer's KV is written
+    /// (`blocks` are this engine's blocks for the request, by position in its sequence).
+    fn prefill_remote_with(
+        &mut self,
+        remote: &RemotePrefill,
+        params: &RequestParams,
+        per_layer: &mut LayerDone<'_, B>,
+    ) -> Result<u32> {
         let prompt = &remote.prompt_ids;
         self.validate_request(SeqId::MAX, prompt, params)?;
         let bs = self.config.block_size;
@@ -149,7 +239,7 @@ impl<B: Backend> Engine<B> {
         };
         blocks.extend(fresh);
 
-        let result = self.prefill_blocks(remote, params, &blocks, n_cached * bs, sink);
+        let result = self.prefill_blocks(remote, params, &blocks, n_cached * bs, per_layer);
         if result.is_ok() && self.config.prefix_caching {
             let all_hashes = block_hashes(prompt, bs);
             for (i, &hash) in all_hashes.iter().enumerate().skip(n_cached) {
@@ -167,7 +257,7 @@ impl<B: Backend> Engine<B> {
         params: &RequestParams,
         blocks: &[u32],
         n_computed: usize,
-        sink: &mut dyn FnMut(KvBlockChunk) -> Result<()>,
+        per_layer: &mut LayerDone<'_, B>,
     ) -> Result<u32> {
         let prompt = &remote.prompt_ids;
         let bs = self.config.block_size as u32;
@@ -188,20 +278,11 @@ impl<B: Backend> Engine<B> {
             positions,
         };
         crate::model::validate_step(&step, &self.model.config, &self.layout)?;
-        let mut bytes = vec![0u8; self.backend.kv_block_bytes(&self.layout)];
         let backend = &self.backend;
         let logits = self
             .model
             .forward_streaming(backend, &mut self.cache, &step, &mut |layer_idx, cache| {
-                for (block_index, &block) in blocks.iter().enumerate().skip(remote.n_cached_blocks) {
-                    backend.export_kv_block(cache, layer_idx, block, &mut bytes)?;
-                    sink(KvBlockChunk {
-                        layer_idx,
-                        block_index,
-                        bytes: &bytes,
-                    })?;
-                }
-                Ok(())
+                per_layer(backend, cache, layer_idx, blocks)
             })?;
         let logits = self.backend.to_host(&logits)?;
         let vocab = self.model.config.vocab_size;
