@@ -44,9 +44,19 @@ fn openai_client_against_cleave_serve() {
         .args(["-c", "import openai, httpx"])
         .status()
         .is_ok_and(|s| s.success());
-    assert!(python_ok, "python3 with the openai package is needed: run scripts/test, which installs it");
+    assert!(
+        python_ok,
+        "python3 with the openai package is needed: run scripts/test, which installs it"
+    );
     let mut disaggregated = start_serve(&["--remote-prefill-tokens-min", "64"]);
-    let aggregated = start_serve(&["--aggregated-workers", "1", "--prefill-workers", "0", "--decode-workers", "0"]);
+    let aggregated = start_serve(&[
+        "--aggregated-workers",
+        "1",
+        "--prefill-workers",
+        "0",
+        "--decode-workers",
+        "0",
+    ]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/openai/check_serve.py");
     let status = Command::new("python3")
         .arg(script)
