@@ -81,8 +81,8 @@ async fn connect(addr: &str) -> Framed<TcpStream, FrameCodec> {
         block_size: 0,
         n_layers: 0,
         kv_block_bytes: 0,
-            kv_share: None,
-            transport: None,
+        kv_share: None,
+        transport: None,
     };
     conn.send(Message::Hello(hello)).await.unwrap();
     match conn.next().await {
