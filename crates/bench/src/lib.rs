@@ -63,13 +63,13 @@ pub struct BenchArgs {
     pub api_key: Option<String>,
 
     /// Requests per second ("inf": all at once).
-    #[arg(long, conflicts_with = "rates", help_heading = "Workload")]
+    #[arg(long, value_name = "REQ_PER_S", conflicts_with = "rates", help_heading = "Workload")]
     pub rate: Option<f64>,
     /// A sweep: one run per rate, the same seeded workload each time, e.g. 1,2,4,8.
-    #[arg(long, value_delimiter = ',', help_heading = "Workload")]
+    #[arg(long, value_name = "R1,R2,...", value_delimiter = ',', help_heading = "Workload")]
     pub rates: Vec<f64>,
     /// Gamma shape of the inter-arrival gaps: 1 is Poisson, below 1 burstier, above 1 more regular.
-    #[arg(long, default_value_t = 1.0, help_heading = "Workload")]
+    #[arg(long, value_name = "SHAPE", default_value_t = 1.0, help_heading = "Workload")]
     pub burstiness: f64,
     /// Requests per run [default: 200 unless --duration-s].
     #[arg(long, conflicts_with = "duration_s", help_heading = "Workload")]
@@ -79,19 +79,19 @@ pub struct BenchArgs {
     pub duration_s: Option<f64>,
     /// Prompt lengths in tokens: N, fixed:N, uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MIN:MAX] or
     /// mix:W*SPEC,W*SPEC,... (weights sum to 1) [default: fixed:512].
-    #[arg(long, help_heading = "Workload")]
+    #[arg(long, value_name = "SPEC", help_heading = "Workload")]
     pub input_len: Option<LengthSpec>,
     /// Output lengths in tokens, same grammar; overrides a trace's or ShareGPT's [default: fixed:128].
-    #[arg(long, help_heading = "Workload")]
+    #[arg(long, value_name = "SPEC", help_heading = "Workload")]
     pub output_len: Option<LengthSpec>,
     /// JSON-lines trace, one {"timestamp": s, "input_len": n, "output_len": n} per line: arrival times and lengths.
-    #[arg(long, conflicts_with_all = ["sharegpt", "input_len", "rate", "rates", "burstiness"], help_heading = "Workload")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["sharegpt", "input_len", "rate", "rates", "burstiness"], help_heading = "Workload")]
     pub trace: Option<PathBuf>,
     /// ShareGPT JSON: lengths from each conversation's first human turn and its reply, in a seeded order.
-    #[arg(long, conflicts_with = "input_len", help_heading = "Workload")]
+    #[arg(long, value_name = "FILE", conflicts_with = "input_len", help_heading = "Workload")]
     pub sharegpt: Option<PathBuf>,
     /// tokenizer.json to count ShareGPT tokens exactly [default: ceil(characters / 4)].
-    #[arg(long, requires = "sharegpt", help_heading = "Workload")]
+    #[arg(long, value_name = "FILE", requires = "sharegpt", help_heading = "Workload")]
     pub tokenizer: Option<PathBuf>,
     /// Seed of everything random: arrival times, lengths, prompt contents.
     #[arg(long, default_value_t = 0, help_heading = "Workload")]
@@ -106,6 +106,7 @@ pub struct BenchArgs {
     /// Tokens at the start of every prompt that are the same for all requests (prefix-cache hits).
     #[arg(long, default_value_t = 0, help_heading = "Prompts")]
     pub shared_prefix_len: u32,
+    /// Sampling temperature (0: greedy).
     #[arg(long, default_value_t = 0.0, help_heading = "Prompts")]
     pub temperature: f64,
     /// A JSON object merged into every request body last, e.g. '{"top_p": 0.9}'.
@@ -120,7 +121,13 @@ pub struct BenchArgs {
     pub request_timeout_s: f64,
 
     /// GPUs behind the endpoint, for tokens/s per GPU; with --compare, one value or one per spec.
-    #[arg(long, value_delimiter = ',', default_value = "1", help_heading = "Report")]
+    #[arg(
+        long,
+        value_name = "N[,N...]",
+        value_delimiter = ',',
+        default_value = "1",
+        help_heading = "Report"
+    )]
     pub gpus: Vec<u32>,
     /// SLO on time to first token, ms.
     #[arg(long, help_heading = "Report")]
@@ -132,21 +139,21 @@ pub struct BenchArgs {
     #[arg(long, help_heading = "Report")]
     pub slo_tpot_ms: Option<f64>,
     /// For a sweep, the goodput is the highest rate where at least this % of requests met every SLO.
-    #[arg(long, default_value_t = 90.0, help_heading = "Report")]
+    #[arg(long, value_name = "PERCENT", default_value_t = 90.0, help_heading = "Report")]
     pub attainment: f64,
     /// Prompts longer than this are marked on the ITL-over-time plot.
     #[arg(long, default_value_t = 8192, help_heading = "Report")]
     pub long_prompt_tokens: u32,
     /// Write the configuration, every request's record and the summaries here.
-    #[arg(long, help_heading = "Report")]
+    #[arg(long, value_name = "FILE", help_heading = "Report")]
     pub output_json: Option<PathBuf>,
     /// Write SVG plots here.
-    #[arg(long, help_heading = "Report")]
+    #[arg(long, value_name = "DIR", help_heading = "Report")]
     pub plot_dir: Option<PathBuf>,
 
     /// Deployment specs: for each, start `cleave serve --config SPEC --port PORT`, wait for /health, run the same
     /// workload, stop it with SIGTERM; then compare.
-    #[arg(long, num_args = 1.., help_heading = "Compare")]
+    #[arg(long, value_name = "SPEC.yaml", num_args = 1.., help_heading = "Compare")]
     pub compare: Vec<PathBuf>,
     /// How long a `cleave serve` may take to answer /health with 200.
     #[arg(long, default_value_t = 600.0, help_heading = "Compare")]
@@ -469,6 +476,7 @@ async fn run_target(
         let summary = Summary::new(&output.records, output.duration_s, gpus, plan.slo);
         let run = Run {
             target: target_name.to_string(),
+            model: model.clone(),
             rate,
             summary,
             requests: output.records,

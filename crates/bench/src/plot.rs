@@ -12,9 +12,22 @@ use crate::stats::percentile;
 
 /// Time bins of the ITL-over-time plot.
 const TIME_BINS: usize = 400;
-/// Points per CDF line, so a run of a million gaps still makes a small file.
-const CDF_POINTS: usize = 500;
+/// Steps per CDF line at most, so a run of a million gaps still makes a small file.
+const CDF_STEPS_MAX: usize = 2000;
 const SIZE: (u32, u32) = (1100, 550);
+/// Line colours, distinct on white (Tableau 10).
+const COLORS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
 
 /// Writes every plot for `runs` into `dir`; returns the files written.
 pub fn write_all(dir: &Path, runs: &[Run], long_prompt_tokens: u32, sweep: bool) -> Result<Vec<PathBuf>> {
@@ -61,7 +74,10 @@ pub fn write_all(dir: &Path, runs: &[Run], long_prompt_tokens: u32, sweep: bool)
 }
 
 fn legend(run: &Run) -> String {
-    format!("{} @ {}", run.target, rate_label(run.rate))
+    match run.rate {
+        None => format!("{}, trace", run.target),
+        Some(_) => format!("{} at {} req/s", run.target, rate_label(run.rate)),
+    }
 }
 
 /// A file-name part for a run: its target's file stem and its rate.
@@ -152,14 +168,15 @@ fn itl_over_time(path: &Path, run: &Run, long_prompt_tokens: u32) -> Result<()> 
         )?
         .label(format!("long prompt sent ({})", long_arrivals.len()))
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], marker));
+    // Points, not lines: a line would bridge the bins with no tokens.
     chart
-        .draw_series(LineSeries::new(max, BLUE.mix(0.7)))?
+        .draw_series(max.into_iter().map(|p| Circle::new(p, 2, BLUE.mix(0.7).filled())))?
         .label("max")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        .legend(|(x, y)| Circle::new((x + 10, y), 2, BLUE.filled()));
     chart
-        .draw_series(LineSeries::new(p50, BLACK))?
+        .draw_series(p50.into_iter().map(|p| Circle::new(p, 2, BLACK.filled())))?
         .label("p50")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        .legend(|(x, y)| Circle::new((x + 10, y), 2, BLACK.filled()));
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
@@ -169,8 +186,8 @@ fn itl_over_time(path: &Path, run: &Run, long_prompt_tokens: u32) -> Result<()> 
     Ok(())
 }
 
-/// Empirical CDFs, one line per series; the x axis ends at the largest p99.9 so the body stays readable (the table
-/// has the max).
+/// Empirical CDFs as staircases, one per series (every sample up to `CDF_STEPS_MAX`, evenly spaced order statistics
+/// past that); the x axis ends at the largest p99.9 so the body stays readable (the table has the max).
 fn cdf(path: &Path, title: &str, x_desc: &str, series: Vec<(String, Vec<f64>)>) -> Result<()> {
     let mut lines = Vec::new();
     let mut x_max: f64 = 1e-3;
@@ -180,13 +197,7 @@ fn cdf(path: &Path, title: &str, x_desc: &str, series: Vec<(String, Vec<f64>)>) 
         }
         values.sort_by(f64::total_cmp);
         x_max = x_max.max(percentile(&values, 99.9) * 1.05);
-        let line: Vec<(f64, f64)> = (0..=CDF_POINTS)
-            .map(|i| {
-                let q = i as f64 / CDF_POINTS as f64;
-                (percentile(&values, q * 100.0), q)
-            })
-            .collect();
-        lines.push((name, line));
+        lines.push((name, staircase(&values)));
     }
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
@@ -196,10 +207,14 @@ fn cdf(path: &Path, title: &str, x_desc: &str, series: Vec<(String, Vec<f64>)>) 
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..x_max, 0.0..1.0)?;
-    chart.configure_mesh().x_desc(x_desc).y_desc("fraction").draw()?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc("fraction at or below")
+        .draw()?;
     for (i, (name, line)) in lines.into_iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        let clipped = line.into_iter().filter(|p| p.0 <= x_max);
+        let color = COLORS[i % COLORS.len()];
+        let clipped = line.into_iter().map(|(x, y)| (x.min(x_max), y));
         chart
             .draw_series(LineSeries::new(clipped, color.stroke_width(2)))?
             .label(name)
@@ -213,6 +228,24 @@ fn cdf(path: &Path, title: &str, x_desc: &str, series: Vec<(String, Vec<f64>)>) 
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// The empirical CDF of sorted `values` as the corners of a staircase: at each kept order statistic x_(i), up from
+/// i/n to (i+1)/n.
+pub fn staircase(sorted: &[f64]) -> Vec<(f64, f64)> {
+    let n = sorted.len();
+    let stride = n.div_ceil(CDF_STEPS_MAX).max(1);
+    let mut corners = Vec::with_capacity(2 * n.div_ceil(stride) + 1);
+    let mut below = 0; // the fraction reached so far is below / n
+    for i in (stride - 1..n)
+        .step_by(stride)
+        .chain((!n.is_multiple_of(stride)).then_some(n - 1))
+    {
+        corners.push((sorted[i], below as f64 / n as f64));
+        below = i + 1;
+        corners.push((sorted[i], below as f64 / n as f64));
+    }
+    corners
 }
 
 /// Three panels against the rate: p99 TTFT, p99 ITL, and SLO attainment (or output tokens/s without SLOs); one line
@@ -252,7 +285,7 @@ fn vs_rate(path: &Path, runs: &[Run]) -> Result<()> {
             .build_cartesian_2d(0.0..rate_max, 0.0..y_max)?;
         chart.configure_mesh().x_desc("requests/s").y_desc(name).draw()?;
         for (i, target) in targets.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
+            let color = COLORS[i % COLORS.len()];
             let points: Vec<(f64, f64)> = runs
                 .iter()
                 .filter(|r| r.target == *target)
@@ -272,4 +305,59 @@ fn vs_rate(path: &Path, runs: &[Run]) -> Result<()> {
     }
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staircase_steps_through_every_sample_or_evenly_spaced_ones() {
+        assert_eq!(
+            staircase(&[1.0, 2.0, 2.0]),
+            vec![
+                (1.0, 0.0),
+                (1.0, 1.0 / 3.0),
+                (2.0, 1.0 / 3.0),
+                (2.0, 2.0 / 3.0),
+                (2.0, 2.0 / 3.0),
+                (2.0, 1.0)
+            ]
+        );
+        let values: Vec<f64> = (0..10_001).map(f64::from).collect();
+        let corners = staircase(&values);
+        assert!(corners.len() <= 2 * CDF_STEPS_MAX + 2, "{}", corners.len());
+        assert_eq!(*corners.last().unwrap(), (10_000.0, 1.0));
+        assert!(
+            corners.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1),
+            "monotone"
+        );
+    }
+
+    #[test]
+    fn gap_times_place_each_gap_when_it_ended() {
+        let record = RequestRecord {
+            idx: 0,
+            scheduled_s: 1.0,
+            sent_s: 1.0,
+            waited_for_slot: false,
+            input_len: 1,
+            output_len: 3,
+            prompt_tokens: None,
+            output_tokens: 3,
+            ttft_ms: Some(100.0),
+            tpot_ms: Some(15.0),
+            e2e_ms: Some(130.0),
+            itl_ms: vec![20.0, 10.0],
+            error: None,
+        };
+        let failed = RequestRecord {
+            error: Some("x".into()),
+            ..record.clone()
+        };
+        let got = gap_times(&[record, failed]);
+        assert_eq!(got.len(), 2);
+        assert!((got[0].0 - 1.12).abs() < 1e-9 && got[0].1 == 20.0);
+        assert!((got[1].0 - 1.13).abs() < 1e-9 && got[1].1 == 10.0);
+    }
 }

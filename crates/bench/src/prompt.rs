@@ -60,6 +60,8 @@ pub enum PromptFormat {
 pub struct BodyConfig {
     pub endpoint: Endpoint,
     pub format: PromptFormat,
+    /// Per target (see `report::Run::model`), so not part of the configuration written out.
+    #[serde(skip)]
     pub model: String,
     pub vocab_size: u32,
     pub shared_prefix_len: u32,

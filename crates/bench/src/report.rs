@@ -31,6 +31,8 @@ pub struct Report {
 pub struct Run {
     /// The deployment spec for `--compare`, else the URL.
     pub target: String,
+    /// The model name sent (`--model`, else the first one the server listed).
+    pub model: String,
     /// Requests per second; "inf" for everything at once; null for a trace.
     #[serde(serialize_with = "rate_json")]
     pub rate: Option<f64>,
@@ -79,7 +81,7 @@ pub fn run_table(run: &Run) -> String {
         None => "trace arrivals".to_string(),
         Some(rate) => format!("rate {} req/s", rate_label(Some(rate))),
     };
-    let _ = writeln!(out, "== {}, {rate}", run.target);
+    let _ = writeln!(out, "== {}, model {}, {rate}", run.target, run.model);
     let _ = writeln!(
         out,
         "requests     {} sent, {} ok, {} failed, in {:.2} s",

@@ -555,6 +555,24 @@ mod tests {
     }
 
     #[test]
+    fn a_tokenizer_file_counts_exactly() {
+        let path = std::env::temp_dir().join(format!("cleave-bench-tokenizer-{}.json", std::process::id()));
+        let tokenizer = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"hello": 0, "world": 1, "[UNK]": 2}, "unk_token": "[UNK]"}}"#;
+        std::fs::write(&path, tokenizer).unwrap();
+        let count = TokenCount::from_file(&path).unwrap();
+        // "hello", "world", "," (unknown), "hello"; the approximation would say ceil(18 / 4) = 5.
+        assert_eq!(count.count("hello world, hello").unwrap(), 4);
+        assert_eq!(TokenCount::Approx.count("hello world, hello").unwrap(), 5);
+        assert_eq!(count.count("").unwrap(), 1, "at least one token");
+        std::fs::write(&path, "{}").unwrap();
+        let err = format!("{:#}", TokenCount::from_file(&path).err().unwrap());
+        assert!(err.contains("loading tokenizer"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
     fn malformed_sharegpt_is_a_clear_error() {
         let cases = [
             ("{}", "expected a JSON array"),
