@@ -191,7 +191,10 @@ impl Plan {
             "--burstiness must be positive"
         );
         let stop = match (args.num_requests, args.duration_s) {
-            (Some(n), _) => Stop::Requests(n),
+            (Some(n), _) => {
+                ensure!(n > 0, "--num-requests must be at least 1");
+                Stop::Requests(n)
+            }
             (None, Some(s)) => {
                 ensure!(s.is_finite() && s > 0.0, "--duration-s must be positive");
                 Stop::DurationS(s)
@@ -514,4 +517,63 @@ fn progress_bar(len: usize, label: &str) -> ProgressBar {
     bar.set_style(style);
     bar.set_prefix(label.to_string());
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn plan(args: &[&str]) -> Result<Plan> {
+        let cli = Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))?;
+        Plan::new(&cli.bench)
+    }
+
+    #[test]
+    fn bad_arguments_are_refused_with_the_reason() {
+        let cases: [(&[&str], &str); 11] = [
+            (&["--rate", "0"], "rates must be positive"),
+            (&["--rates", "1,nan"], "rates must be positive"),
+            (&["--num-requests", "0"], "at least 1"),
+            (&["--input-len", "uniform:5"], "bad length spec \"uniform:5\""),
+            (
+                &["--endpoint", "chat", "--prompt-format", "tokens"],
+                "--endpoint chat sends text",
+            ),
+            (&["--vocab-size", "100"], "below the minimum of 256"),
+            (&["--extra-body", "[1]"], "must be a JSON object"),
+            (&["--gpus", "1,2"], "one per --compare spec (1), not 2"),
+            (&["--attainment", "150"], "a percentage"),
+            (&["--trace", "t.jsonl", "--rate", "2"], "cannot be used with"),
+            (&["--compare", "/nonexistent.yaml"], "no such file /nonexistent.yaml"),
+        ];
+        for (args, want) in cases {
+            let err = format!("{:#}", plan(args).err().unwrap());
+            assert!(err.contains(want), "{args:?}: {err:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn defaults_make_a_poisson_run_of_fixed_lengths() {
+        let plan = plan(&[]).unwrap();
+        assert_eq!(plan.rates, vec![Some(1.0)]);
+        assert_eq!(plan.workload.stop, Stop::Requests(NUM_REQUESTS_DEFAULT));
+        assert_eq!(plan.workload.arrivals, Arrivals::Poisson);
+        assert_eq!(
+            (plan.body.format, plan.in_flight_max),
+            (PromptFormat::Tokens, IN_FLIGHT_DEFAULT_MAX)
+        );
+        assert_eq!(plan.config_json["workload"]["source"]["input_len"], "fixed:512");
+        let plan = super::tests::plan(&["--rates", "1,inf", "--burstiness", "0.5", "--endpoint", "chat"]).unwrap();
+        assert_eq!(plan.rates, vec![Some(1.0), Some(f64::INFINITY)]);
+        assert_eq!(plan.workload.arrivals, Arrivals::Gamma { shape: 0.5 });
+        assert_eq!(plan.body.format, PromptFormat::Text);
+        assert_eq!(plan.config_json["workload"]["rates"], json!([1.0, "inf"]));
+    }
 }
