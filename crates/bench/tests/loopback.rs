@@ -286,11 +286,16 @@ fn open_loop_sends_on_time_while_the_server_stalls() {
         "--output-json", json_path.to_str().unwrap()]).unwrap();
     let report = read_json(&json_path);
     let summary = &report["runs"][0]["summary"];
-    // All 30 were sent within ~0.3 s although each took 0.4 s to answer: none waited for another.
+    // All 30 were sent on time (planned over ~0.3 s) although each took 0.4 s to answer: none waited for another.
+    // The bounds leave room for a loaded machine but not for a 400 ms wait.
     assert_eq!(summary["n_waited_for_slot"], 0);
-    assert!(summary["send_delay_ms"]["max"].as_f64().unwrap() < 50.0, "{summary}");
+    assert!(summary["send_delay_ms"]["max"].as_f64().unwrap() < 150.0, "{summary}");
     let last_sent = report["runs"][0]["requests"][29]["sent_s"].as_f64().unwrap();
-    assert!(last_sent < 0.4 + 0.1, "sent at {last_sent}");
+    let last_planned = report["runs"][0]["requests"][29]["scheduled_s"].as_f64().unwrap();
+    assert!(
+        last_planned < 0.35 && last_sent < 0.4,
+        "planned at {last_planned}, sent at {last_sent}: before any answer"
+    );
     assert!(summary["ttft_ms"]["p50"].as_f64().unwrap() >= 400.0);
 
     // With two slots, the requests queue behind the stalled ones and the report says so.
