@@ -132,6 +132,9 @@ pub struct BenchArgs {
     /// SLO on time to first token, ms.
     #[arg(long, help_heading = "Report")]
     pub slo_ttft_ms: Option<f64>,
+    /// The TTFT SLO applies only to prompts of at most this many tokens.
+    #[arg(long, help_heading = "Report", requires = "slo_ttft_ms")]
+    pub slo_ttft_max_input_tokens: Option<u32>,
     /// SLO on each request's own p99 inter-token gap, ms.
     #[arg(long, help_heading = "Report")]
     pub slo_itl_ms: Option<f64>,
@@ -300,6 +303,7 @@ impl Plan {
         );
         let slo = Slo {
             ttft_ms: args.slo_ttft_ms,
+            ttft_input_tokens_max: args.slo_ttft_max_input_tokens,
             itl_p99_ms: args.slo_itl_ms,
             tpot_ms: args.slo_tpot_ms,
         };

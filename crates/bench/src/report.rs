@@ -173,8 +173,10 @@ fn notes(s: &Summary) -> Vec<String> {
 
 pub fn slo_text(slo: &crate::stats::Slo) -> String {
     let mut parts = Vec::new();
-    if let Some(ms) = slo.ttft_ms {
-        parts.push(format!("TTFT <= {ms} ms"));
+    match (slo.ttft_ms, slo.ttft_input_tokens_max) {
+        (Some(ms), None) => parts.push(format!("TTFT <= {ms} ms")),
+        (Some(ms), Some(max)) => parts.push(format!("TTFT <= {ms} ms (prompts <= {max} tokens)")),
+        _ => {}
     }
     if let Some(ms) = slo.itl_p99_ms {
         parts.push(format!("request p99 ITL <= {ms} ms"));

@@ -66,6 +66,10 @@ impl Percentiles {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Slo {
     pub ttft_ms: Option<f64>,
+    /// The TTFT objective applies only to prompts of at most this many tokens (a 32k-token prompt cannot have the
+    /// TTFT of a chat turn); longer prompts are judged on the other objectives.
+    #[serde(default)]
+    pub ttft_input_tokens_max: Option<u32>,
     /// Bound on each request's own p99 inter-token gap.
     pub itl_p99_ms: Option<f64>,
     pub tpot_ms: Option<f64>,
@@ -82,10 +86,11 @@ impl Slo {
             (_, None) | (None, Some(_)) => true,
             (Some(value), Some(bound)) => value <= bound,
         };
+        let ttft_applies = self.ttft_input_tokens_max.is_none_or(|max| record.input_len <= max);
         record.ok()
             && record
                 .ttft_ms
-                .is_some_and(|ttft| self.ttft_ms.is_none_or(|bound| ttft <= bound))
+                .is_some_and(|ttft| !ttft_applies || self.ttft_ms.is_none_or(|bound| ttft <= bound))
             && within(request_itl_p99_ms(record), self.itl_p99_ms)
             && within(record.tpot_ms, self.tpot_ms)
     }
@@ -305,6 +310,7 @@ mod tests {
     fn slo_checks_each_objective_as_documented() {
         let slo = Slo {
             ttft_ms: Some(100.0),
+            ttft_input_tokens_max: None,
             itl_p99_ms: Some(50.0),
             tpot_ms: Some(20.0),
         };
@@ -319,6 +325,16 @@ mod tests {
         assert!(slo.meets(&record(0, 90.0, vec![], None)), "one token: no gaps, no TPOT");
         assert!(!slo.meets(&record(0, 1.0, vec![1.0], Some("HTTP 500"))), "failed");
         assert!(Slo::default().meets(&fast) && !Slo::default().is_set());
+        // The TTFT bound binds short prompts only.
+        let long_prompts_exempt = Slo {
+            ttft_input_tokens_max: Some(1000),
+            ..slo
+        };
+        let mut slow_long = record(0, 5000.0, vec![10.0; 10], None);
+        slow_long.input_len = 1001;
+        assert!(long_prompts_exempt.meets(&slow_long) && !slo.meets(&slow_long));
+        slow_long.input_len = 1000;
+        assert!(!long_prompts_exempt.meets(&slow_long));
     }
 
     #[test]
@@ -335,6 +351,7 @@ mod tests {
             .collect();
         let slo = Slo {
             ttft_ms: Some(300.0),
+            ttft_input_tokens_max: None,
             itl_p99_ms: Some(70.0),
             tpot_ms: Some(45.0),
         };
