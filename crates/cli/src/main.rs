@@ -135,6 +135,22 @@ struct WorkerArgs {
     /// Drain and exit when stdin closes (set by `cleave serve` for the workers it supervises).
     #[arg(long, hide = true)]
     drain_on_stdin_eof: bool,
+    /// etcd endpoint (URL) to register this worker in, for frontends started with --etcd; repeatable or
+    /// comma-separated. The record is removed when the worker drains, or when its lease expires if it dies.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Discovery namespace: separates clusters that share one etcd.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// host:port that frontends and decode workers connect to (default: the bound address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// The worker's id in etcd, unique within the namespace (default: ROLE-ADVERTISED_ADDR).
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// Lifetime of the etcd lease: how long a worker that died stays registered.
+    #[arg(long, default_value_t = 10)]
+    lease_ttl_secs: u64,
 }
 
 fn worker(args: WorkerArgs) -> Result<()> {
@@ -147,14 +163,73 @@ fn worker(args: WorkerArgs) -> Result<()> {
     let resolved =
         resolve_model(&args.engine.model).with_context(|| format!("loading model {:?}", args.engine.model))?;
     let config = engine_config(&args.engine)?;
+    let (on_listening, on_drain) = if args.etcd.is_empty() {
+        (None, None)
+    } else {
+        // Refuse what is wrong before building the engine, which can take minutes.
+        let lease_ttl = std::time::Duration::from_secs(args.lease_ttl_secs);
+        let (ttl_min, ttl_max) = (cleave_discovery::LEASE_TTL_MIN, cleave_discovery::LEASE_TTL_MAX);
+        if !(ttl_min..=ttl_max).contains(&lease_ttl) {
+            bail!(
+                "--lease-ttl-secs is {}; it must be from {} to {}",
+                args.lease_ttl_secs,
+                ttl_min.as_secs(),
+                ttl_max.as_secs()
+            );
+        }
+        if args.advertise.is_none() && args.listen.ip().is_unspecified() {
+            bail!(
+                "--listen {} is not an address others can connect to: give --advertise HOST:PORT",
+                args.listen
+            );
+        }
+        // The registration lives from the hook that makes it (once the worker listens) to the one that revokes it
+        // (when the worker starts draining, so that frontends stop routing here at once).
+        let registration = std::sync::Arc::new(std::sync::Mutex::new(None::<cleave_discovery::Registration>));
+        let registered = registration.clone();
+        let (endpoints, namespace, advertise, worker_id) = (args.etcd, args.namespace, args.advertise, args.worker_id);
+        let (role_name, model) = (args.role.clone(), resolved.name.clone());
+        let on_listening: cleave_worker::Hook = Box::new(move |bound, runtime| {
+            let addr = advertise.unwrap_or_else(|| bound.to_string());
+            let record = cleave_discovery::WorkerRecord {
+                id: worker_id.unwrap_or_else(|| format!("{role_name}-{addr}")),
+                role,
+                addr,
+                model,
+            };
+            let id = record.id.clone();
+            let register = cleave_discovery::Registration::register(&endpoints, &namespace, record, lease_ttl);
+            match runtime.block_on(register) {
+                Ok(done) => {
+                    tracing::info!(id, namespace, "registered in etcd");
+                    *registered.lock().unwrap_or_else(|e| e.into_inner()) = Some(done);
+                }
+                Err(e) => {
+                    // The hook cannot return an error: end the process the way `main` ends it for one.
+                    eprintln!("error: registering this worker in etcd: {e}");
+                    std::process::exit(1);
+                }
+            }
+        });
+        let on_drain: cleave_worker::Hook = Box::new(move |_, runtime| {
+            let taken = registration.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(done) = taken
+                && let Err(e) = runtime.block_on(done.deregister())
+            {
+                // Draining goes on: frontends see the worker leave when its lease expires.
+                tracing::warn!("cannot deregister from etcd ({e}); the record expires with its lease");
+            }
+        });
+        (Some(on_listening), Some(on_drain))
+    };
     let worker_config = cleave_worker::WorkerConfig {
         role,
         listen: args.listen,
         prefill_workers: args.prefill_worker,
         remote_prefill_tokens_min: args.remote_prefill_tokens_min,
         drain_on_stdin_eof: args.drain_on_stdin_eof,
-        on_listening: None,
-        on_drain: None,
+        on_listening,
+        on_drain,
     };
     with_engine!(&args.engine, resolved, config, |engine| {
         cleave_worker::serve(engine, worker_config).context("serving")

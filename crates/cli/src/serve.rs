@@ -1,6 +1,7 @@
 //! `cleave serve` and `cleave frontend`: the one command that starts a whole deployment (worker processes it
 //! supervises plus the HTTP frontend in this process), and the frontend alone for workers started elsewhere.
 
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use cleave_discovery::{DiscoveryEvent, WorkerRecord, WorkerWatch, watch_workers};
 use cleave_frontend::metrics::Metrics;
 use cleave_frontend::model::ServedModel;
 use cleave_frontend::workers::WorkerPool;
@@ -485,6 +487,13 @@ pub struct FrontendArgs {
     /// A worker as ROLE=HOST:PORT (aggregated, prefill or decode); repeatable.
     #[arg(long = "worker", value_parser = parse_worker)]
     workers: Vec<(Role, String)>,
+    /// etcd endpoint (URL) to discover workers in (those started with --etcd); repeatable or comma-separated.
+    /// Workers of other models are skipped. Works alongside --worker.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Discovery namespace: separates clusters that share one etcd.
+    #[arg(long, default_value = "default")]
+    namespace: String,
 }
 
 fn parse_worker(s: &str) -> Result<(Role, String), String> {
@@ -516,6 +525,17 @@ pub fn frontend(args: FrontendArgs) -> Result<()> {
         for (role, addr) in &args.workers {
             pool.add_worker(addr, *role);
         }
+        if !args.etcd.is_empty() {
+            let watch = watch_workers(&args.etcd, &args.namespace)
+                .await
+                .context("watching etcd for workers")?;
+            let static_addrs = args.workers.iter().map(|(_, addr)| addr.clone()).collect();
+            let mut discovered = DiscoveredWorkers::new(pool.clone(), &model.name, static_addrs);
+            for record in watch.snapshot() {
+                discovered.up(record.clone());
+            }
+            tokio::spawn(discovered.follow(watch));
+        }
         let state = Arc::new(AppState::new(model, pool, metrics, FrontendConfig::default()));
         println!("serving {} on http://{}", state.model.name, listener.local_addr()?);
         axum::serve(listener, cleave_frontend::routes(state))
@@ -523,4 +543,79 @@ pub fn frontend(args: FrontendArgs) -> Result<()> {
             .await
             .context("serving HTTP")
     })
+}
+
+/// The workers a frontend found through etcd, kept in step with the pool: discovery names workers by id, the pool by
+/// address.
+struct DiscoveredWorkers {
+    pool: WorkerPool,
+    /// Only workers of this model are added (the pool would refuse the others at their `hello`).
+    model: String,
+    /// Addresses given with --worker: they stay whatever discovery says.
+    static_addrs: HashSet<String>,
+    /// id -> (address, role) of the workers added.
+    known: HashMap<String, (String, Role)>,
+}
+
+impl DiscoveredWorkers {
+    fn new(pool: WorkerPool, model: &str, static_addrs: HashSet<String>) -> Self {
+        Self {
+            pool,
+            model: model.to_string(),
+            static_addrs,
+            known: HashMap::new(),
+        }
+    }
+
+    /// Applies every change until the watch ends (it does not while the process lives; etcd outages are retried
+    /// inside it).
+    async fn follow(mut self, mut watch: WorkerWatch) {
+        while let Some(event) = watch.recv().await {
+            match event {
+                DiscoveryEvent::Up(record) => self.up(record),
+                DiscoveryEvent::Down { id } => self.down(&id),
+            }
+        }
+        tracing::error!("the etcd watch ended: workers that come or go are no longer seen");
+    }
+
+    /// A worker registered, or its record changed (then it is replaced).
+    fn up(&mut self, record: WorkerRecord) {
+        if self.known.get(&record.id) == Some(&(record.addr.clone(), record.role)) {
+            return;
+        }
+        self.down(&record.id);
+        if record.model != self.model || record.role == Role::Frontend {
+            tracing::warn!(
+                id = record.id,
+                addr = record.addr,
+                model = record.model,
+                role = role_arg(record.role),
+                "skipping a discovered worker: this frontend serves {:?} from aggregated, prefill and decode workers",
+                self.model
+            );
+            return;
+        }
+        tracing::info!(
+            id = record.id,
+            addr = record.addr,
+            role = role_arg(record.role),
+            "worker discovered"
+        );
+        self.pool.add_worker(&record.addr, record.role);
+        self.known.insert(record.id, (record.addr, record.role));
+    }
+
+    /// A worker deregistered or its lease expired. Its address leaves the pool unless --worker named it or another
+    /// live record still has it (a worker restarted on the same port under a new id).
+    fn down(&mut self, id: &str) {
+        let Some((addr, _)) = self.known.remove(id) else {
+            return;
+        };
+        tracing::info!(id, addr, "worker left");
+        let still_used = self.known.values().any(|(other, _)| *other == addr);
+        if !still_used && !self.static_addrs.contains(&addr) {
+            self.pool.remove_worker(&addr);
+        }
+    }
 }
