@@ -132,6 +132,9 @@ struct WorkerArgs {
     /// Decode role: prompts of at least this many tokens are prefilled remotely.
     #[arg(long, default_value_t = 512)]
     remote_prefill_tokens_min: usize,
+    /// Pin the worker to these CPU cores (comma-separated) and compute with one thread per core.
+    #[arg(long, value_delimiter = ',')]
+    cpus: Vec<usize>,
     /// Drain and exit when stdin closes (set by `cleave serve` for the workers it supervises).
     #[arg(long, hide = true)]
     drain_on_stdin_eof: bool,
@@ -160,6 +163,9 @@ fn worker(args: WorkerArgs) -> Result<()> {
         "decode" => cleave_wire::Role::Decode,
         other => bail!("unknown role {other:?} (aggregated, prefill, decode)"),
     };
+    if !args.cpus.is_empty() {
+        pin_to_cpus(&args.cpus)?;
+    }
     let resolved =
         resolve_model(&args.engine.model).with_context(|| format!("loading model {:?}", args.engine.model))?;
     let config = engine_config(&args.engine)?;
@@ -234,6 +240,29 @@ fn worker(args: WorkerArgs) -> Result<()> {
     with_engine!(&args.engine, resolved, config, |engine| {
         cleave_worker::serve(engine, worker_config).context("serving")
     })
+}
+
+/// Pins this process to `cpus` (threads started later inherit the mask) and sizes the compute thread pool to
+/// match. Before the engine exists, so every compute thread is pinned.
+fn pin_to_cpus(cpus: &[usize]) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET stays inside it (ids checked against CPU_SETSIZE);
+    // sched_setaffinity(0, ..) applies to the calling thread, which starts every other thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &cpu in cpus {
+            if cpu >= libc::CPU_SETSIZE as usize {
+                bail!("--cpus: CPU {cpu} is out of range");
+            }
+            libc::CPU_SET(cpu, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("--cpus {cpus:?}: {}", std::io::Error::last_os_error());
+        }
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(cpus.len())
+        .build_global()
+        .context("sizing the compute thread pool")
 }
 
 /// Which backend runs the engine.

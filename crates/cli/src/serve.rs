@@ -64,6 +64,9 @@ pub struct PoolSpec {
     pub count: usize,
     /// GPU ordinals, one per worker, given out in order (wrapping around); empty: GPU 0.
     pub devices: Vec<usize>,
+    /// CPU cores, one per worker, given out in order (wrapping around): the worker is pinned there with one compute
+    /// thread (CPU backend: so pools on one machine do not compete for cores). Empty: not pinned.
+    pub cpus: Vec<usize>,
     /// prefill-first or chunked.
     pub scheduler: String,
     pub step_tokens: usize,
@@ -113,6 +116,7 @@ impl Default for PoolSpec {
         Self {
             count: 0,
             devices: Vec::new(),
+            cpus: Vec::new(),
             scheduler: "chunked".into(),
             step_tokens: 512,
         }
@@ -311,6 +315,9 @@ fn spawn_worker(
     }
     for addr in prefill_addrs {
         command.args(["--prefill-worker", addr]);
+    }
+    if !pool.cpus.is_empty() {
+        command.args(["--cpus", &pool.cpus[index % pool.cpus.len()].to_string()]);
     }
     let mut child = command
         .stdin(Stdio::piped())
