@@ -4,6 +4,7 @@
 //!
 //! - Every fixture: greedy tokens on the GPU equal the CPU backend's and transformers'; last-prompt logits within
 //!   1e-3 (f32 checkpoints) or 5e-2 (bf16) relative of transformers'.
+//! - Prefill attention kernels (bf16, head_dim 128) against an f64 reference on random paged inputs, then timed.
 //! - Batch invariance on the GPU: 16 sequences alone and batched. Where a sequence's tokens differ, the top-2 logit
 //!   gap at the first divergence shows whether floating-point order explains it.
 
@@ -76,6 +77,43 @@ pub fn run(args: SelftestArgs) -> Result<()> {
     };
     println!("{ceilings}");
     results.push(ceilings);
+
+    // Prefill attention kernels (bf16, head_dim 128) against an f64 reference on random inputs, then timed alone
+    // at the Llama-3-8B attention shape (32 query heads, 8 kv heads) on one sequence.
+    {
+        use cleave_engine::backend::cuda::PrefillKernel;
+        let backend = CudaBackend::with_precision(args.device, Precision::BF16)?;
+        for c in backend.check_prefill_attention(0x5eed_1234)? {
+            // bf16 inputs, P and output: about 4e-3 relative error when right.
+            let pass = c.rel_err < 1e-2 && c.non_finite == 0;
+            let r = json!({
+                "check": format!("attention {:?} {}", c.kernel, c.case),
+                "pass": pass,
+                "logit_err": c.rel_err,
+                "max_abs_err": c.max_abs_err,
+                "non_finite": c.non_finite,
+            });
+            println!("{r}");
+            if !pass {
+                failures.push(format!("attention {:?} {}", c.kernel, c.case));
+            }
+            results.push(r);
+        }
+        for (n_tokens, reps) in [(2048, 10), (8192, 5), (32768, 2)] {
+            let kernels = [PrefillKernel::Flash2, PrefillKernel::Flash2SharedQ, PrefillKernel::Wmma];
+            for t in backend.time_prefill_attention(n_tokens, 32, 8, &kernels, reps)? {
+                let r = json!({
+                    "check": format!("attention time {:?} {} tokens", t.kernel, t.n_tokens),
+                    "pass": true,
+                    "ms": t.ms,
+                    "tflops": t.tflops,
+                    "note": format!("{:.3} ms {:.1} TFLOP/s", t.ms, t.tflops),
+                });
+                println!("{r}");
+                results.push(r);
+            }
+        }
+    }
 
     let mut fixture_dirs: Vec<PathBuf> = std::fs::read_dir(&args.fixtures)
         .with_context(|| format!("reading fixtures from {}", args.fixtures.display()))?

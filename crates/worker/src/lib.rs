@@ -141,14 +141,17 @@ pub fn serve<B: Backend>(mut engine: Engine<B>, mut config: WorkerConfig) -> std
         block_size: engine.kv_layout().block_size as u32,
         n_layers: engine.kv_layout().n_layers as u32,
         kv_block_bytes: engine.kv_block_bytes() as u64,
+        // CLEAVE_KV_TRANSPORT=tcp keeps KV on TCP even where CUDA IPC would work (to measure one against the other).
         kv_share: match config.role {
-            Role::Decode => engine.export_kv_cache().map(|e| KvPoolShare {
-                host: host_id(),
-                handle: e.handle.iter().map(|b| format!("{b:02x}")).collect(),
-                layer_bytes: e.layer_bytes,
-                block_bytes: e.block_bytes,
-                n_layers: e.n_layers,
-            }),
+            Role::Decode if std::env::var("CLEAVE_KV_TRANSPORT").as_deref() != Ok("tcp") => {
+                engine.export_kv_cache().map(|e| KvPoolShare {
+                    host: host_id(),
+                    handle: e.handle.iter().map(|b| format!("{b:02x}")).collect(),
+                    layer_bytes: e.layer_bytes,
+                    block_bytes: e.block_bytes,
+                    n_layers: e.n_layers,
+                })
+            }
             _ => None,
         },
         transport: None,

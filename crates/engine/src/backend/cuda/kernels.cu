@@ -472,6 +472,314 @@ flash_prefill_bf16(__nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat
     }
 }
 
+// FlashAttention-2-style prefill for bf16 and head_dim 128 on mma.sync tensor cores (m16n8k16, f32 accumulation).
+// A block of FA2_WARPS warps covers one query tile of one sequence for HG query heads of one kv group (GQA): warp w
+// takes 16 rows of head w / (FA2_WARPS / HG), so a tile has 16 × FA2_WARPS / HG rows and each K/V tile loaded into
+// shared memory serves all HG heads. The block walks the causal key range FA2_KEYS keys at a time: the whole block
+// stages K and V (paged: each key row is addressed through the block table, so any block_size works) into shared
+// memory with cp.async, two stages deep. Each warp keeps its Q fragments, S = Q Kᵀ and the output O in registers,
+// runs the online softmax there (a row's max and sum reduced across the 4 lanes that hold it), and re-packs P into
+// bf16 A fragments for O += P V (V read with ldmatrix.trans). Only tiles that cross a warp's diagonal are masked;
+// tiles wholly past a warp's last row are skipped. With QS, Q lives in shared memory instead and each tile re-reads
+// its fragments with ldmatrix: 128 registers per thread (220 without), so two blocks share an SM.
+//   tiles[i] = (seq index, first row, rows, 0), tiles of 16 × FA2_WARPS / HG rows; grid: (n_heads / HG, n_tiles)
+//   shared memory: 2 stages × (K, V) × FA2_KEYS × 256 bytes = 64 KiB (dynamic), + 32 KiB of Q with QS
+// Shared-memory rows are 256 bytes (16 chunks of 16 bytes); chunk c of row r lives at chunk c ^ (r & 7), so the 8
+// rows that one ldmatrix phase reads fall in 8 different bank groups.
+#define FA2_HD 128
+#define FA2_KEYS 64
+#define FA2_WARPS 8
+#define FA2_ROW_BYTES (FA2_HD * 2)
+#define FA2_TILE_BYTES (FA2_KEYS * FA2_ROW_BYTES)
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// Copies 16 bytes global -> shared; with src_bytes == 0 it writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
+// c += a · b for one 16×8×16 step: a is a 16×16 row-major bf16 fragment, b a 16×8 column-major one.
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Two floats as one register of two bf16, the first in the low half (the lower column of a fragment).
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&v);
+}
+
+template <int HG, bool QS>
+__device__ __forceinline__ void flash2_prefill(__nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat16* layer,
+                                               const uint4* tiles, const uint4* seq_meta, const u32* block_tables,
+                                               u32 n_tiles, u32 n_heads, u32 n_kv_heads, u32 block_size,
+                                               float scale_log2) {
+    constexpr int RB = FA2_WARPS / HG;  // 16-row blocks per head
+    extern __shared__ __align__(128) unsigned char fa2_smem[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t4 = lane & 3;  // fragment row group and column pair
+    // The longest tiles (last rows of a sequence) first, so that the short ones fill the tail of the grid.
+    const uint4 tile = tiles[n_tiles - 1 - blockIdx.y];
+    const uint4 meta = seq_meta[tile.x];
+    const u32 head = blockIdx.x * HG + warp / RB;
+    const u32 kv_head = blockIdx.x * HG / (n_heads / n_kv_heads);
+    const u32 kv_dim = n_kv_heads * FA2_HD, q_stride = n_heads * FA2_HD;
+    const u32* table = block_tables + meta.w;
+    const u32 tile_pos0 = meta.z - meta.y + (tile.y - meta.x);  // position of the tile's first row
+    const u32 kv_len = tile_pos0 + tile.z;                      // keys the tile's last row sees
+    const u32 n_kv_tiles = (kv_len + FA2_KEYS - 1) / FA2_KEYS;
+    const u32 w_row0 = 16 * (warp % RB);
+    const u32 w_rows = tile.z > w_row0 ? min(16u, tile.z - w_row0) : 0u;
+    const u32 w_pos0 = tile_pos0 + w_row0;
+    const u32 w_pos_end = w_pos0 + w_rows;  // keys at or past this are masked for all of the warp's rows
+
+    // Q as A fragments for the 8 16-wide slices of head_dim, in registers (QS false) or re-read from shared memory
+    // each tile (QS true: fewer registers, two blocks per SM); rows past the tile are zeros.
+    u32 qa[QS ? 1 : FA2_HD / 16][4];
+    const u32 smem0 = smem_addr(fa2_smem);
+    const u32 q_smem = smem0 + 2 * 2 * FA2_TILE_BYTES + warp * 16 * FA2_ROW_BYTES;
+    if constexpr (QS) {
+        // 16 rows × 16 chunks per warp; lane copies chunk lane % 16 of rows lane / 16 + 2 i (swizzled like K).
+        const u32 c = lane & 15;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const u32 r = (lane >> 4) + 2 * i;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (r < w_rows)
+                v = *reinterpret_cast<const uint4*>(q + (u64)(tile.y + w_row0 + r) * q_stride + head * FA2_HD + c * 8);
+            const u32 dst = q_smem + r * FA2_ROW_BYTES + ((c ^ (r & 7)) << 4);
+            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                         : "memory");
+        }
+    } else {
+        const __nv_bfloat16* q0 = q + (u64)(tile.y + w_row0 + g) * q_stride + head * FA2_HD + 2 * t4;
+        const __nv_bfloat16* q1 = q0 + 8 * (u64)q_stride;
+        const bool ok0 = (u32)g < w_rows, ok1 = (u32)g + 8 < w_rows;
+#pragma unroll
+        for (int kc = 0; kc < FA2_HD / 16; kc++) {
+            qa[kc][0] = ok0 ? *reinterpret_cast<const u32*>(q0 + 16 * kc) : 0u;
+            qa[kc][1] = ok1 ? *reinterpret_cast<const u32*>(q1 + 16 * kc) : 0u;
+            qa[kc][2] = ok0 ? *reinterpret_cast<const u32*>(q0 + 16 * kc + 8) : 0u;
+            qa[kc][3] = ok1 ? *reinterpret_cast<const u32*>(q1 + 16 * kc + 8) : 0u;
+        }
+    }
+
+    // Stage `stage` <- keys key0 .. key0 + FA2_KEYS of K and V; keys past kv_len are zero-filled (never read from
+    // the table, which may end there). Thread tid copies chunk tid % 16 of rows tid / 16 + 16 i.
+    auto load_tile = [&](u32 key0, u32 stage) {
+        const u32 k_base = smem0 + stage * 2 * FA2_TILE_BYTES, v_base = k_base + FA2_TILE_BYTES;
+        const u32 c = tid & 15;
+#pragma unroll
+        for (int i = 0; i < FA2_KEYS * 16 / (FA2_WARPS * 32); i++) {
+            const u32 r = (tid >> 4) + 16 * i, t = key0 + r;
+            const u32 dst = r * FA2_ROW_BYTES + ((c ^ (r & 7)) << 4);
+            const __nv_bfloat16* k_src = layer;
+            const __nv_bfloat16* v_src = layer;
+            u32 bytes = 0;
+            if (t < kv_len) {
+                k_src = layer + (u64)table[t / block_size] * 2 * block_size * kv_dim + (u64)(t % block_size) * kv_dim
+                        + kv_head * FA2_HD + c * 8;
+                v_src = k_src + (u64)block_size * kv_dim;
+                bytes = 16;
+            }
+            cp_async16(k_base + dst, k_src, bytes);
+            cp_async16(v_base + dst, v_src, bytes);
+        }
+    };
+
+    float o[FA2_HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < FA2_HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    // Rows g and g + 8 of the warp's 16: running max (of raw scores) and this lane's share of the running sum.
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    // ldmatrix row addresses: lane supplies row (lane & 7) of matrix lane >> 3; the swizzle term is lane & 7.
+    const u32 lrow = lane & 7, lmat = lane >> 3;
+
+    load_tile(0, 0);
+    cp_async_commit();
+    for (u32 it = 0; it < n_kv_tiles; it++) {
+        if (it + 1 < n_kv_tiles) load_tile((it + 1) * FA2_KEYS, (it + 1) & 1);
+        cp_async_commit();  // possibly empty: keeps "all but the newest group" meaning "tile it"
+        cp_async_wait_1();
+        __syncthreads();
+        const u32 key0 = it * FA2_KEYS;
+        if (w_rows > 0 && key0 < w_pos_end) {
+            const u32 k_base = smem0 + (it & 1) * 2 * FA2_TILE_BYTES, v_base = k_base + FA2_TILE_BYTES;
+            // S = Q Kᵀ: 8 blocks of 8 keys.
+            float s[FA2_KEYS / 8][4];
+#pragma unroll
+            for (int j = 0; j < FA2_KEYS / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+            if constexpr (QS) {
+                // Per 16-dim slice kc: Q's A fragment by ldmatrix (matrices rows +0/+8 × dims +0/+8), then K's B
+                // fragments for two 8-key blocks per ldmatrix.x4 (keys +0/+8 × dims +0/+8).
+                const u32 qr = lrow + 8 * (lmat & 1);
+#pragma unroll
+                for (int kc = 0; kc < FA2_HD / 16; kc++) {
+                    u32 qf[4];
+                    ldmatrix_x4(qf, q_smem + qr * FA2_ROW_BYTES + (((2 * kc + (lmat >> 1)) ^ lrow) << 4));
+#pragma unroll
+                    for (int jj = 0; jj < FA2_KEYS / 16; jj++) {
+                        const u32 r = 16 * jj + lrow + 8 * (lmat >> 1), c = 2 * kc + (lmat & 1);
+                        u32 b[4];
+                        ldmatrix_x4(b, k_base + r * FA2_ROW_BYTES + ((c ^ lrow) << 4));
+                        mma_bf16_16816(s[2 * jj], qf, b[0], b[1]);
+                        mma_bf16_16816(s[2 * jj + 1], qf, b[2], b[3]);
+                    }
+                }
+            } else {
+                // Per 8-key block j, one ldmatrix.x4 gives its B fragments for two 16-dim slices.
+#pragma unroll
+                for (int kc2 = 0; kc2 < FA2_HD / 32; kc2++) {
+#pragma unroll
+                    for (int j = 0; j < FA2_KEYS / 8; j++) {
+                        const u32 r = 8 * j + lrow, c = 4 * kc2 + lmat;
+                        u32 b[4];
+                        ldmatrix_x4(b, k_base + r * FA2_ROW_BYTES + ((c ^ lrow) << 4));
+                        mma_bf16_16816(s[j], qa[2 * kc2], b[0], b[1]);
+                        mma_bf16_16816(s[j], qa[2 * kc2 + 1], b[2], b[3]);
+                    }
+                }
+            }
+            // Causal mask, only where the tile crosses the warp's diagonal. Lane holds keys key0 + 8 j + 2 t4 + e.
+            if (key0 + FA2_KEYS - 1 > w_pos0) {
+                const u32 p0 = w_pos0 + g, p1 = p0 + 8;
+#pragma unroll
+                for (int j = 0; j < FA2_KEYS / 8; j++) {
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const u32 key = key0 + 8 * j + 2 * t4 + e;
+                        if (key > p0) s[j][e] = NEG_INF;
+                        if (key > p1) s[j][2 + e] = NEG_INF;
+                    }
+                }
+            }
+            // Online softmax. Key 0 is visible to every row and is in the first tile, so the running max is finite
+            // from the first tile on; the guard only keeps a fully masked row free of inf - inf.
+            float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < FA2_KEYS / 8; j++) {
+                mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+            const float mb0 = mn0 == NEG_INF ? 0.f : mn0 * scale_log2;
+            const float mb1 = mn1 == NEG_INF ? 0.f : mn1 * scale_log2;
+            const float corr0 = fast_exp2(m0 * scale_log2 - mb0), corr1 = fast_exp2(m1 * scale_log2 - mb1);
+            m0 = mn0;
+            m1 = mn1;
+            l0 *= corr0;
+            l1 *= corr1;
+#pragma unroll
+            for (int n = 0; n < FA2_HD / 8; n++) {
+                o[n][0] *= corr0;
+                o[n][1] *= corr0;
+                o[n][2] *= corr1;
+                o[n][3] *= corr1;
+            }
+            // P = exp2(S · scale · log2 e − max), packed straight from the S accumulators into A fragments: keys
+            // 16 kk .. 16 kk + 15 are S blocks 2 kk and 2 kk + 1.
+            u32 pa[FA2_KEYS / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < FA2_KEYS / 16; kk++) {
+                const float p00 = fast_exp2(fmaf(s[2 * kk][0], scale_log2, -mb0));
+                const float p01 = fast_exp2(fmaf(s[2 * kk][1], scale_log2, -mb0));
+                const float p02 = fast_exp2(fmaf(s[2 * kk][2], scale_log2, -mb1));
+                const float p03 = fast_exp2(fmaf(s[2 * kk][3], scale_log2, -mb1));
+                const float p10 = fast_exp2(fmaf(s[2 * kk + 1][0], scale_log2, -mb0));
+                const float p11 = fast_exp2(fmaf(s[2 * kk + 1][1], scale_log2, -mb0));
+                const float p12 = fast_exp2(fmaf(s[2 * kk + 1][2], scale_log2, -mb1));
+                const float p13 = fast_exp2(fmaf(s[2 * kk + 1][3], scale_log2, -mb1));
+                l0 += p00 + p01 + p10 + p11;
+                l1 += p02 + p03 + p12 + p13;
+                pa[kk][0] = pack_bf16x2(p00, p01);
+                pa[kk][1] = pack_bf16x2(p02, p03);
+                pa[kk][2] = pack_bf16x2(p10, p11);
+                pa[kk][3] = pack_bf16x2(p12, p13);
+            }
+            // O += P V: for 16 keys and 16 dims, one ldmatrix.x4.trans gives the B fragments of two 8-dim blocks
+            // (matrices: keys +0/+8 × dims +0/+8).
+#pragma unroll
+            for (int kk = 0; kk < FA2_KEYS / 16; kk++) {
+#pragma unroll
+                for (int d2 = 0; d2 < FA2_HD / 16; d2++) {
+                    const u32 r = 16 * kk + lrow + 8 * (lmat & 1), c = 2 * d2 + (lmat >> 1);
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, v_base + r * FA2_ROW_BYTES + ((c ^ lrow) << 4));
+                    mma_bf16_16816(o[2 * d2], pa[kk], b[0], b[1]);
+                    mma_bf16_16816(o[2 * d2 + 1], pa[kk], b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();  // the next iteration's copy overwrites this stage
+    }
+
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+    __nv_bfloat16* o0 = out + (u64)(tile.y + w_row0 + g) * q_stride + head * FA2_HD + 2 * t4;
+    __nv_bfloat16* o1 = o0 + 8 * (u64)q_stride;
+    if ((u32)g < w_rows) {
+#pragma unroll
+        for (int n = 0; n < FA2_HD / 8; n++) *reinterpret_cast<u32*>(o0 + 8 * n) = pack_bf16x2(o[n][0] * inv0, o[n][1] * inv0);
+    }
+    if ((u32)g + 8 < w_rows) {
+#pragma unroll
+        for (int n = 0; n < FA2_HD / 8; n++) *reinterpret_cast<u32*>(o1 + 8 * n) = pack_bf16x2(o[n][2] * inv1, o[n][3] * inv1);
+    }
+}
+
+#define INSTANTIATE_FA2(NAME, HG, QS)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(FA2_WARPS * 32, QS ? 2 : 1) NAME##_hd128_g##HG##_bf16(            \
+        __nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat16* layer, const uint4* tiles,                   \
+        const uint4* seq_meta, const u32* block_tables, u32 n_tiles, u32 n_heads, u32 n_kv_heads, u32 block_size,     \
+        float scale_log2) {                                                                                           \
+        flash2_prefill<HG, QS>(out, q, layer, tiles, seq_meta, block_tables, n_tiles, n_heads, n_kv_heads, block_size,    \
+                           scale_log2);                                                                               \
+    }
+INSTANTIATE_FA2(flash2_prefill, 1, false)
+INSTANTIATE_FA2(flash2_prefill, 2, false)
+INSTANTIATE_FA2(flash2_prefill, 4, false)
+INSTANTIATE_FA2(flash2_prefill, 8, false)
+INSTANTIATE_FA2(flash2q_prefill, 1, true)
+INSTANTIATE_FA2(flash2q_prefill, 2, true)
+INSTANTIATE_FA2(flash2q_prefill, 4, true)
+INSTANTIATE_FA2(flash2q_prefill, 8, true)
+
 // Greedy sampling on the device: argmax of each logits row (lowest id wins ties).  grid: rows, block: 1024
 extern "C" __global__ void argmax_f32(u32* out, const float* logits, u32 vocab) {
     const float* row = logits + (u64)blockIdx.x * vocab;

@@ -17,7 +17,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{AttentionShape, Backend, KvLayout, StepBatch};
+use super::{AttentionShape, Backend, KvLayout, SeqSlice, StepBatch};
 use crate::config::{DType, ModelConfig};
 use crate::error::{Error, Result};
 use crate::rope::Rope;
@@ -172,9 +172,10 @@ pub struct CudaBatch {
     seq_meta: u64,
     block_tables: u64,
     logit_rows: u64,
-    /// Query tiles of up to 64 rows of one sequence, for the tensor-core prefill kernel: (seq, first row, rows, 0).
-    prefill_tiles: u64,
-    n_prefill_tiles: usize,
+    /// Query tiles of one sequence for the tensor-core prefill kernels, (seq, first row, rows, 0): list `k` holds
+    /// tiles of up to `16 << k` rows (see [`TILE_ROWS`]).
+    prefill_tiles: [u64; TILE_ROWS.len()],
+    n_prefill_tiles: [usize; TILE_ROWS.len()],
     /// Longest run of new tokens of one sequence in the step.
     q_len_max: usize,
     n_tokens: usize,
@@ -217,8 +218,8 @@ impl GraphInputs {
             seq_of_row: at(7 * b),
             logit_rows: at(8 * b),
             block_tables: at(9 * b),
-            prefill_tiles: 0,
-            n_prefill_tiles: 0,
+            prefill_tiles: [0; TILE_ROWS.len()],
+            n_prefill_tiles: [0; TILE_ROWS.len()],
             q_len_max: 1,
             n_tokens: self.bucket,
             n_logit_rows: self.bucket,
@@ -309,6 +310,8 @@ pub struct CudaBackend {
     block_size: std::sync::atomic::AtomicU32,
     /// cuBLAS's workspace, set explicitly so that captured GEMMs never allocate.
     _blas_workspace: DeviceBuffer,
+    /// The bf16 prefill attention kernel where its shape allows (falls back to the next one otherwise).
+    prefill_kernel: PrefillKernel,
 }
 
 // SAFETY: the backend is used from one thread at a time (the engine's); cudarc's handles are bound to the context
@@ -387,13 +390,32 @@ impl CudaBackend {
             .iter()
             .map(|n| format!("{n}_{}", elem.suffix()))
             .chain((1..=8).map(|g| format!("attention_gqa{g}_{}", elem.suffix())))
-            .chain(["argmax_f32".into(), "copy_u128".into(), "flash_prefill_bf16".into()]);
+            .chain(["argmax_f32".into(), "copy_u128".into(), "flash_prefill_bf16".into()])
+            .chain(FA2_HEADS_PER_BLOCK.map(flash2_name))
+            .chain(FA2_HEADS_PER_BLOCK.map(flash2q_name));
         for name in names {
             let f = module
                 .load_function(&name)
                 .map_err(|e| err(format!("kernel {name} is missing from the module: {e}")))?;
             functions.insert(name, f);
         }
+        let fa2_kernels = FA2_HEADS_PER_BLOCK.map(|hg| (flash2_name(hg), FA2_SMEM_BYTES));
+        let fa2q_kernels = FA2_HEADS_PER_BLOCK.map(|hg| (flash2q_name(hg), FA2Q_SMEM_BYTES));
+        for (name, bytes) in fa2_kernels.into_iter().chain(fa2q_kernels) {
+            driver(
+                &format!("allowing {name} {bytes} bytes of shared memory"),
+                functions[&name].set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                ),
+            )?;
+        }
+        let prefill_kernel = match std::env::var("CLEAVE_PREFILL_ATTENTION").as_deref() {
+            Ok("fa2") => PrefillKernel::Flash2,
+            Ok("wmma") => PrefillKernel::Wmma,
+            Ok("decode") => PrefillKernel::Decode,
+            _ => PrefillKernel::Flash2SharedQ,
+        };
         let n_sms = driver(
             "reading the SM count",
             ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
@@ -427,6 +449,7 @@ impl CudaBackend {
             scratch_block: std::sync::atomic::AtomicU32::new(u32::MAX),
             block_size: std::sync::atomic::AtomicU32::new(0),
             _blas_workspace: blas_workspace,
+            prefill_kernel,
         })
     }
 
@@ -584,6 +607,275 @@ impl CudaBackend {
         Ok(2.0 * (m * n * k) as f64 * reps as f64 / start.elapsed().as_secs_f64() / 1e12)
     }
 
+    /// Attention of a step's rows with the given prefill kernel where the shape and dtype allow it: the `Flash2`
+    /// kernels (bf16, head_dim 128) fall back to `Wmma` (bf16, head_dim ≤ 128 and block_size multiples of 16), and
+    /// that to the flash-decoding kernels, which run every other case and all decode steps.
+    #[allow(clippy::too_many_arguments)] // the Backend::attention arguments plus the kernel choice
+    fn attention_with(
+        &self,
+        prefill_kernel: PrefillKernel,
+        out: &mut CudaTensor,
+        q: &CudaTensor,
+        cache: &CudaKvCache,
+        layer_idx: usize,
+        shape: AttentionShape,
+        batch: &CudaBatch,
+    ) {
+        assert!(
+            shape.head_dim <= 256,
+            "the CUDA attention kernel supports head_dim up to 256"
+        );
+        let layer = cache.layer_ptr(layer_idx);
+        // Prefill in bf16 runs on tensor cores; decode (one row per sequence) on the flash-decoding kernels below.
+        let prefill = self.elem == Elem::BF16 && batch.q_len_max >= 16;
+        let group = shape.n_heads / shape.n_kv_heads;
+        // Heads of one kv group per block: the most of 8, 4, 2, 1 that divides the group.
+        let heads_per_block = FA2_HEADS_PER_BLOCK
+            .into_iter()
+            .rev()
+            .find(|hg| group.is_multiple_of(*hg))
+            .unwrap_or(1);
+        let tile_list = TILE_ROWS
+            .iter()
+            .position(|&rows| rows as usize == 128 / heads_per_block)
+            .expect("a tile list for every heads_per_block");
+        let shared_q = prefill_kernel == PrefillKernel::Flash2SharedQ;
+        if prefill
+            && (prefill_kernel == PrefillKernel::Flash2 || shared_q)
+            && shape.head_dim == 128
+            && shape.n_heads.is_multiple_of(shape.n_kv_heads)
+        {
+            let n_tiles = batch.n_prefill_tiles[tile_list];
+            assert!(n_tiles <= 65_535, "{n_tiles} query tiles exceed the grid's y limit");
+            let (name, smem_bytes) = if shared_q {
+                (flash2q_name(heads_per_block), FA2Q_SMEM_BYTES)
+            } else {
+                (flash2_name(heads_per_block), FA2_SMEM_BYTES)
+            };
+            let cfg = LaunchConfig {
+                grid_dim: ((shape.n_heads / heads_per_block) as u32, n_tiles as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: smem_bytes as u32,
+            };
+            self.launch(
+                &name,
+                &self.functions[&name],
+                cfg,
+                &[
+                    &out.buf.ptr,
+                    &q.buf.ptr,
+                    &layer,
+                    &batch.prefill_tiles[tile_list],
+                    &batch.seq_meta,
+                    &batch.block_tables,
+                ],
+                &[
+                    Scalar::U32(n_tiles as u32),
+                    Scalar::U32(shape.n_heads as u32),
+                    Scalar::U32(shape.n_kv_heads as u32),
+                    Scalar::U32(cache.layout.block_size as u32),
+                    Scalar::F32(shape.scale * std::f32::consts::LOG2_E),
+                ],
+            );
+            return;
+        }
+        if prefill
+            && prefill_kernel != PrefillKernel::Decode
+            && shape.head_dim.is_multiple_of(16)
+            && shape.head_dim <= 128
+            && cache.layout.block_size.is_multiple_of(16)
+        {
+            let cfg = LaunchConfig {
+                grid_dim: (batch.n_prefill_tiles[WMMA_TILE_LIST] as u32, shape.n_heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                "flash_prefill_bf16",
+                &self.functions["flash_prefill_bf16"],
+                cfg,
+                &[
+                    &out.buf.ptr,
+                    &q.buf.ptr,
+                    &layer,
+                    &batch.prefill_tiles[WMMA_TILE_LIST],
+                    &batch.seq_meta,
+                    &batch.block_tables,
+                ],
+                &[
+                    Scalar::U32(shape.n_heads as u32),
+                    Scalar::U32(shape.n_kv_heads as u32),
+                    Scalar::U32(shape.head_dim as u32),
+                    Scalar::U32(cache.layout.block_size as u32),
+                    Scalar::F32(shape.scale),
+                ],
+            );
+            return;
+        }
+        // Query heads sharing a kv head run in one block, reading K and V once (head_dim up to 128).
+        let gqa = shape.head_dim <= 128 && (1..=8).contains(&group);
+        let (kernel, blocks_y) = if gqa {
+            (format!("attention_gqa{group}"), shape.n_kv_heads)
+        } else {
+            ("attention".into(), shape.n_heads)
+        };
+        // Few blocks — decode — would leave most SMs idle: split each context across blocks (flash-decoding) so
+        // that about two blocks per SM run, and merge the splits after.
+        let pairs = batch.n_tokens * shape.n_heads;
+        let n_splits = (2 * self.n_sms).div_ceil(batch.n_tokens * blocks_y).clamp(1, 32);
+        let partial = (n_splits > 1).then(|| {
+            self.alloc(pairs * n_splits * (shape.head_dim + 2) * 4)
+                .expect("allocating attention partials")
+        });
+        let partial_ptr = partial.as_ref().map_or(0, |p| p.ptr);
+        let cfg = LaunchConfig {
+            grid_dim: (batch.n_tokens as u32, blocks_y as u32, n_splits as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let dims = [
+            Scalar::U32(shape.n_heads as u32),
+            Scalar::U32(shape.n_kv_heads as u32),
+            Scalar::U32(shape.head_dim as u32),
+            Scalar::U32(cache.layout.block_size as u32),
+            Scalar::F32(shape.scale),
+        ];
+        self.launch(
+            &kernel,
+            self.f(&kernel),
+            cfg,
+            &[
+                &out.buf.ptr,
+                &partial_ptr,
+                &q.buf.ptr,
+                &layer,
+                &batch.seq_of_row,
+                &batch.seq_meta,
+                &batch.block_tables,
+            ],
+            &dims,
+        );
+        if n_splits > 1 {
+            let cfg = LaunchConfig {
+                grid_dim: (batch.n_tokens as u32, shape.n_heads as u32, 1),
+                block_dim: (shape.head_dim.next_multiple_of(32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                "attention_merge",
+                self.f("attention_merge"),
+                cfg,
+                &[&out.buf.ptr, &partial_ptr],
+                &[
+                    Scalar::U32(shape.n_heads as u32),
+                    Scalar::U32(shape.head_dim as u32),
+                    Scalar::U32(n_splits as u32),
+                ],
+            );
+        }
+    }
+
+    /// Checks the prefill attention kernels against an f64 reference computed on the host from the same bf16
+    /// inputs: random Q, K and V (block_size 16, 32 and 48, shuffled block tables), several sequences per batch,
+    /// some with a cached prefix and one with a single new row; grouped-query shapes that use every
+    /// `flash2_prefill_hd128_g*` instantiation. Each kernel's output is poisoned with NaN first. Uses the KV pool of
+    /// the backend it runs on: call it on a backend of its own, not one an engine is using.
+    pub fn check_prefill_attention(&self, seed: u64) -> Result<Vec<AttentionCheck>> {
+        if self.elem != Elem::BF16 {
+            return Err(err("the prefill attention check runs on a bf16 backend"));
+        }
+        let cases: [AttentionCase; 4] = [
+            (
+                "32q/8kv bs16",
+                32,
+                8,
+                16,
+                &[(0, 200), (77, 150), (39, 1), (300, 17), (5, 64)],
+            ),
+            ("4q/4kv bs32", 4, 4, 32, &[(0, 300), (130, 129)]),
+            ("16q/2kv bs48", 16, 2, 48, &[(0, 100), (17, 33)]),
+            ("8q/4kv bs16", 8, 4, 16, &[(10, 90), (0, 16)]),
+        ];
+        let mut rng = seed | 1;
+        let mut results = Vec::new();
+        for (name, n_heads, n_kv_heads, block_size, seqs) in cases {
+            let head_dim = 128;
+            let setup = AttentionSetup::new(self, &mut rng, n_heads, n_kv_heads, block_size, seqs)?;
+            let reference = setup.reference();
+            for kernel in [
+                PrefillKernel::Flash2,
+                PrefillKernel::Flash2SharedQ,
+                PrefillKernel::Wmma,
+                PrefillKernel::Decode,
+            ] {
+                let mut out = CudaTensor {
+                    buf: self.upload(&vec![0xffffu16; setup.n_tokens * n_heads * head_dim])?,
+                    rows: setup.n_tokens,
+                    cols: n_heads * head_dim,
+                };
+                self.attention_with(kernel, &mut out, &setup.q, &setup.cache, 0, setup.shape, &setup.batch);
+                let got = self.to_host(&out)?;
+                let (mut diff2, mut ref2, mut max_abs_err, mut non_finite) = (0f64, 0f64, 0f64, 0usize);
+                for (&g, &r) in got.iter().zip(&reference) {
+                    if !g.is_finite() {
+                        non_finite += 1;
+                        continue;
+                    }
+                    let d = g as f64 - r;
+                    diff2 += d * d;
+                    ref2 += r * r;
+                    max_abs_err = max_abs_err.max(d.abs());
+                }
+                results.push(AttentionCheck {
+                    case: name.to_string(),
+                    kernel,
+                    rel_err: (diff2 / ref2).sqrt(),
+                    max_abs_err,
+                    non_finite,
+                });
+            }
+        }
+        Ok(results)
+    }
+
+    /// Times `kernels` on one sequence of `n_tokens` new tokens (causal, no cached prefix, block_size 16, random
+    /// data): the median of `reps` launches after a warm-up, each timed between stream synchronisations.
+    pub fn time_prefill_attention(
+        &self,
+        n_tokens: u32,
+        n_heads: usize,
+        n_kv_heads: usize,
+        kernels: &[PrefillKernel],
+        reps: usize,
+    ) -> Result<Vec<AttentionTiming>> {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ n_tokens as u64;
+        let setup = AttentionSetup::new(self, &mut rng, n_heads, n_kv_heads, 16, &[(0, n_tokens)])?;
+        let mut out = self.tensor(setup.n_tokens, n_heads * 128)?;
+        let flops = 4.0 * 128.0 * n_heads as f64 * n_tokens as f64 * (n_tokens as f64 + 1.0) / 2.0;
+        let mut timings = Vec::new();
+        for &kernel in kernels {
+            let mut times = Vec::new();
+            for rep in 0..=reps.max(1) {
+                self.synchronize()?;
+                let start = std::time::Instant::now();
+                self.attention_with(kernel, &mut out, &setup.q, &setup.cache, 0, setup.shape, &setup.batch);
+                self.synchronize()?;
+                if rep > 0 {
+                    times.push(start.elapsed().as_secs_f64());
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            let s = times[times.len() / 2];
+            timings.push(AttentionTiming {
+                kernel,
+                n_tokens: n_tokens as usize,
+                ms: s * 1e3,
+                tflops: flops / s / 1e12,
+            });
+        }
+        Ok(timings)
+    }
+
     fn allocator_noise(&self) -> Result<DeviceBuffer> {
         let noise: Vec<u16> = (0..NOISE_BYTES / 2)
             .map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5).to_bits())
@@ -594,13 +886,217 @@ impl CudaBackend {
 
 const NOISE_BYTES: usize = 1 << 20;
 
+/// One kernel on one case of [`CudaBackend::check_prefill_attention`], against the f64 reference.
+#[derive(Clone, Debug)]
+pub struct AttentionCheck {
+    pub case: String,
+    pub kernel: PrefillKernel,
+    /// ‖out − ref‖ / ‖ref‖ over every row and head of the batch.
+    pub rel_err: f64,
+    pub max_abs_err: f64,
+    /// Output elements not finite: left unwritten (the output is poisoned with NaN) or computed as inf/NaN.
+    pub non_finite: usize,
+}
+
+/// One kernel's time in [`CudaBackend::time_prefill_attention`]; FLOPs = 4 · head_dim · n_heads · n(n+1)/2.
+#[derive(Clone, Debug)]
+pub struct AttentionTiming {
+    pub kernel: PrefillKernel,
+    pub n_tokens: usize,
+    pub ms: f64,
+    pub tflops: f64,
+}
+
+/// A batch for the attention check: name, n_heads, n_kv_heads, block_size, (cached, new) tokens of each sequence.
+type AttentionCase = (&'static str, usize, usize, usize, &'static [(u32, u32)]);
+
+/// Random attention inputs for one layer (head_dim 128, bf16) on the device, with the host copies the reference
+/// reads.
+struct AttentionSetup {
+    shape: AttentionShape,
+    block_size: usize,
+    n_tokens: usize,
+    seqs: Vec<SeqSlice>,
+    q_host: Vec<bf16>,
+    kv_host: Vec<bf16>,
+    q: CudaTensor,
+    cache: CudaKvCache,
+    batch: CudaBatch,
+}
+
+/// xorshift64*: uniform in [-1, 1).
+fn next_uniform(state: &mut u64) -> f32 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    let bits = state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+    bits as f32 / (1u64 << 23) as f32 - 1.0
+}
+
+impl AttentionSetup {
+    fn new(
+        backend: &CudaBackend,
+        rng: &mut u64,
+        n_heads: usize,
+        n_kv_heads: usize,
+        block_size: usize,
+        seqs: &[(u32, u32)],
+    ) -> Result<Self> {
+        let head_dim = 128;
+        let n_blocks_used: usize = seqs
+            .iter()
+            .map(|&(cached, new)| ((cached + new) as usize).div_ceil(block_size))
+            .sum();
+        let layout = KvLayout {
+            n_layers: 1,
+            n_blocks: n_blocks_used + 3,
+            block_size,
+            n_kv_heads,
+            head_dim,
+        };
+        let cache = backend.kv_cache(&layout)?;
+        // Blocks in shuffled order, so that a wrong table lookup reads the wrong data.
+        let mut order: Vec<u32> = (0..layout.n_blocks as u32).collect();
+        for i in (1..order.len()).rev() {
+            let j = ((next_uniform(rng) + 1.0) / 2.0 * (i + 1) as f32) as usize;
+            order.swap(i, j.min(i));
+        }
+        // Values in [-2, 2): scores with a standard deviation of about 1.3 after scaling, a peaked softmax.
+        let mut random = |n: usize| -> Vec<bf16> { (0..n).map(|_| bf16::from_f32(2.0 * next_uniform(rng))).collect() };
+        let kv_host = random(cache.layer_bytes / 2);
+        driver("uploading the KV cache", unsafe {
+            // SAFETY: the layer holds layer_bytes bytes.
+            cudarc::driver::result::memcpy_htod_async(cache.pool.ptr, &kv_host, backend.stream.cu_stream())
+        })?;
+        let mut step = StepBatch::default();
+        let mut next_block = 0;
+        for &(cached, new) in seqs {
+            let context_len = cached + new;
+            let n = (context_len as usize).div_ceil(block_size);
+            step.seqs.push(SeqSlice {
+                q_start: step.token_ids.len() as u32,
+                q_len: new,
+                context_len,
+                block_table: order[next_block..next_block + n].to_vec(),
+            });
+            next_block += n;
+            for pos in cached..context_len {
+                step.token_ids.push(0);
+                step.positions.push(pos);
+                step.slots.push(0);
+            }
+        }
+        let n_tokens = step.token_ids.len();
+        let q_host = random(n_tokens * n_heads * head_dim);
+        let q = CudaTensor {
+            buf: backend.upload(&q_host)?,
+            rows: n_tokens,
+            cols: n_heads * head_dim,
+        };
+        let batch = backend.batch(&step)?;
+        Ok(Self {
+            shape: AttentionShape {
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+            },
+            block_size,
+            n_tokens,
+            seqs: step.seqs,
+            q_host,
+            kv_host,
+            q,
+            cache,
+            batch,
+        })
+    }
+
+    /// Causal attention of every new row in f64, laid out as the kernels' output ([n_tokens][n_heads][head_dim]).
+    fn reference(&self) -> Vec<f64> {
+        let (n_heads, hd) = (self.shape.n_heads, self.shape.head_dim);
+        let kv_dim = self.shape.n_kv_heads * hd;
+        let bs = self.block_size;
+        let group = n_heads / self.shape.n_kv_heads;
+        let mut out = vec![0f64; self.n_tokens * n_heads * hd];
+        for seq in &self.seqs {
+            let cached = seq.context_len - seq.q_len;
+            let row_of = |pos: usize, kv_head: usize, v: bool| {
+                let block = seq.block_table[pos / bs] as usize;
+                block * 2 * bs * kv_dim + (pos % bs + if v { bs } else { 0 }) * kv_dim + kv_head * hd
+            };
+            for i in 0..seq.q_len as usize {
+                let row = seq.q_start as usize + i;
+                let pos = cached as usize + i;
+                for h in 0..n_heads {
+                    let kv_head = h / group;
+                    let q = &self.q_host[(row * n_heads + h) * hd..][..hd];
+                    let scores: Vec<f64> = (0..=pos)
+                        .map(|t| {
+                            let k = &self.kv_host[row_of(t, kv_head, false)..][..hd];
+                            let dot: f64 = q.iter().zip(k).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
+                            dot * self.shape.scale as f64
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f64 = weights.iter().sum();
+                    let o = &mut out[(row * n_heads + h) * hd..][..hd];
+                    for (t, w) in weights.iter().enumerate() {
+                        let v = &self.kv_host[row_of(t, kv_head, true)..][..hd];
+                        for (od, vd) in o.iter_mut().zip(v) {
+                            *od += w / sum * vd.to_f64();
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 /// Largest decode batch run as a CUDA graph; larger ones run op by op (launch overhead matters less there).
 const GRAPH_BATCH_MAX: usize = 256;
 
-/// Query rows per block of `flash_prefill_bf16` (FA_WARPS × 16 in kernels.cu).
-const FA_TILE_ROWS: usize = 64;
+/// Query rows per tile of the prefill kernels: `flash2_prefill_hd128_g{hg}_bf16` takes tiles of `128 / hg` rows,
+/// `flash_prefill_bf16` tiles of 64 (FA_WARPS × 16 in kernels.cu).
+const TILE_ROWS: [u32; 4] = [16, 32, 64, 128];
+const WMMA_TILE_LIST: usize = 2;
+const _: () = assert!(TILE_ROWS[WMMA_TILE_LIST] == 64);
+
+/// Query heads per block of the `flash2_prefill_hd128_g{hg}_bf16` instantiations (tiles of `128 / hg` rows).
+const FA2_HEADS_PER_BLOCK: [usize; 4] = [1, 2, 4, 8];
+
+fn flash2_name(heads_per_block: usize) -> String {
+    format!("flash2_prefill_hd128_g{heads_per_block}_bf16")
+}
+
+fn flash2q_name(heads_per_block: usize) -> String {
+    format!("flash2q_prefill_hd128_g{heads_per_block}_bf16")
+}
+
+/// Dynamic shared memory of `flash2_prefill_*`: 2 stages × (K, V) × 64 keys × 128 dims × 2 bytes; the
+/// `flash2q_prefill_*` variant adds Q, 128 rows × 128 dims × 2 bytes.
+const FA2_SMEM_BYTES: usize = 2 * 2 * 64 * 128 * 2;
+const FA2Q_SMEM_BYTES: usize = FA2_SMEM_BYTES + 128 * 128 * 2;
+
+/// Which kernel runs bf16 prefill attention: `Flash2SharedQ` unless `CLEAVE_PREFILL_ATTENTION` names another
+/// (`fa2`, `wmma`, `decode`), for comparisons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// `flash2_prefill_hd128_*`: mma.sync, K/V staged in shared memory, Q, S and O in registers (head_dim 128);
+    /// 220 registers per thread, one block of 8 warps per SM.
+    Flash2,
+    /// `flash2q_prefill_hd128_*`, the default: the same with Q re-read from shared memory each key tile, so that a
+    /// thread fits 128 registers and two blocks run per SM (7–8% faster on an H100: docs/benchmarks.md).
+    Flash2SharedQ,
+    /// `flash_prefill_bf16`: WMMA with K/V fragments from global memory (head_dim ≤ 128, multiple of 16).
+    Wmma,
+    /// The flash-decoding kernels (`attention_gqa*`, f32 arithmetic on CUDA cores), which handle every shape.
+    Decode,
+}
 
 enum Scalar {
     U32(u32),
@@ -699,16 +1195,18 @@ impl Backend for CudaBackend {
         let mut seq_of_row = vec![0u32; step.n_tokens()];
         let mut seq_meta = Vec::with_capacity(step.seqs.len() * 4);
         let mut block_tables: Vec<u32> = Vec::new();
+        // Every tile list in one buffer, list k after list k - 1.
         let mut tiles: Vec<u32> = Vec::new();
-        for (s, seq) in step.seqs.iter().enumerate() {
-            for first in (0..seq.q_len).step_by(FA_TILE_ROWS) {
-                tiles.extend([
-                    s as u32,
-                    seq.q_start + first,
-                    (seq.q_len - first).min(FA_TILE_ROWS as u32),
-                    0,
-                ]);
+        let mut tile_list_starts = [0usize; TILE_ROWS.len()];
+        for (k, &rows) in TILE_ROWS.iter().enumerate() {
+            tile_list_starts[k] = tiles.len() / 4;
+            for (s, seq) in step.seqs.iter().enumerate() {
+                for first in (0..seq.q_len).step_by(rows as usize) {
+                    tiles.extend([s as u32, seq.q_start + first, (seq.q_len - first).min(rows), 0]);
+                }
             }
+        }
+        for (s, seq) in step.seqs.iter().enumerate() {
             seq_of_row[seq.q_start as usize..(seq.q_start + seq.q_len) as usize].fill(s as u32);
             seq_meta.extend([seq.q_start, seq.q_len, seq.context_len, block_tables.len() as u32]);
             block_tables.extend(&seq.block_table);
@@ -731,8 +1229,10 @@ impl Backend for CudaBackend {
             seq_meta: buffers[4].ptr,
             block_tables: buffers[5].ptr,
             logit_rows: buffers[6].ptr,
-            prefill_tiles: buffers[7].ptr,
-            n_prefill_tiles: tiles.len() / 4,
+            prefill_tiles: tile_list_starts.map(|start| buffers[7].ptr + 16 * start as u64),
+            n_prefill_tiles: std::array::from_fn(|k| {
+                tile_list_starts.get(k + 1).copied().unwrap_or(tiles.len() / 4) - tile_list_starts[k]
+            }),
             q_len_max: step.seqs.iter().map(|s| s.q_len as usize).max().unwrap_or(0),
             n_tokens: step.n_tokens(),
             n_logit_rows: step.logit_rows.len(),
@@ -963,107 +1463,7 @@ impl Backend for CudaBackend {
         shape: AttentionShape,
         batch: &CudaBatch,
     ) {
-        assert!(
-            shape.head_dim <= 256,
-            "the CUDA attention kernel supports head_dim up to 256"
-        );
-        let layer = cache.layer_ptr(layer_idx);
-        // Prefill in bf16 runs on tensor cores; decode (one row per sequence) on the flash-decoding kernels below.
-        let flash = self.elem == Elem::BF16
-            && batch.q_len_max >= 16
-            && shape.head_dim.is_multiple_of(16)
-            && shape.head_dim <= 128
-            && cache.layout.block_size.is_multiple_of(16);
-        if flash {
-            let cfg = LaunchConfig {
-                grid_dim: (batch.n_prefill_tiles as u32, shape.n_heads as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            self.launch(
-                "flash_prefill_bf16",
-                &self.functions["flash_prefill_bf16"],
-                cfg,
-                &[
-                    &out.buf.ptr,
-                    &q.buf.ptr,
-                    &layer,
-                    &batch.prefill_tiles,
-                    &batch.seq_meta,
-                    &batch.block_tables,
-                ],
-                &[
-                    Scalar::U32(shape.n_heads as u32),
-                    Scalar::U32(shape.n_kv_heads as u32),
-                    Scalar::U32(shape.head_dim as u32),
-                    Scalar::U32(cache.layout.block_size as u32),
-                    Scalar::F32(shape.scale),
-                ],
-            );
-            return;
-        }
-        // Query heads sharing a kv head run in one block, reading K and V once (head_dim up to 128).
-        let group = shape.n_heads / shape.n_kv_heads;
-        let gqa = shape.head_dim <= 128 && (1..=8).contains(&group);
-        let (kernel, blocks_y) = if gqa {
-            (format!("attention_gqa{group}"), shape.n_kv_heads)
-        } else {
-            ("attention".into(), shape.n_heads)
-        };
-        // Few blocks — decode — would leave most SMs idle: split each context across blocks (flash-decoding) so
-        // that about two blocks per SM run, and merge the splits after.
-        let pairs = batch.n_tokens * shape.n_heads;
-        let n_splits = (2 * self.n_sms).div_ceil(batch.n_tokens * blocks_y).clamp(1, 32);
-        let partial = (n_splits > 1).then(|| {
-            self.alloc(pairs * n_splits * (shape.head_dim + 2) * 4)
-                .expect("allocating attention partials")
-        });
-        let partial_ptr = partial.as_ref().map_or(0, |p| p.ptr);
-        let cfg = LaunchConfig {
-            grid_dim: (batch.n_tokens as u32, blocks_y as u32, n_splits as u32),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let dims = [
-            Scalar::U32(shape.n_heads as u32),
-            Scalar::U32(shape.n_kv_heads as u32),
-            Scalar::U32(shape.head_dim as u32),
-            Scalar::U32(cache.layout.block_size as u32),
-            Scalar::F32(shape.scale),
-        ];
-        self.launch(
-            &kernel,
-            self.f(&kernel),
-            cfg,
-            &[
-                &out.buf.ptr,
-                &partial_ptr,
-                &q.buf.ptr,
-                &layer,
-                &batch.seq_of_row,
-                &batch.seq_meta,
-                &batch.block_tables,
-            ],
-            &dims,
-        );
-        if n_splits > 1 {
-            let cfg = LaunchConfig {
-                grid_dim: (batch.n_tokens as u32, shape.n_heads as u32, 1),
-                block_dim: (shape.head_dim.next_multiple_of(32) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            self.launch(
-                "attention_merge",
-                self.f("attention_merge"),
-                cfg,
-                &[&out.buf.ptr, &partial_ptr],
-                &[
-                    Scalar::U32(shape.n_heads as u32),
-                    Scalar::U32(shape.head_dim as u32),
-                    Scalar::U32(n_splits as u32),
-                ],
-            );
-        }
+        self.attention_with(self.prefill_kernel, out, q, cache, layer_idx, shape, batch);
     }
 
     fn silu_mul(&self, out: &mut CudaTensor, gate_up: &CudaTensor) {
