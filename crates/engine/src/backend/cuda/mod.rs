@@ -17,7 +17,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{AttentionShape, Backend, KvLayout, SeqSlice, StepBatch};
+use super::{AttentionShape, Backend, KvCacheExport, KvLayout, PeerKvCache, SeqSlice, StepBatch};
 use crate::config::{DType, ModelConfig};
 use crate::error::{Error, Result};
 use crate::rope::Rope;
@@ -1557,6 +1557,104 @@ impl Backend for CudaBackend {
     fn free_memory_bytes(&self) -> Option<usize> {
         self.ctx.bind_to_thread().ok()?;
         cudarc::driver::result::mem_get_info().ok().map(|(free, _)| free)
+    }
+
+    fn export_kv_cache(&self, cache: &CudaKvCache) -> Option<KvCacheExport> {
+        use cudarc::driver::sys;
+        self.ctx.bind_to_thread().ok()?;
+        let mut handle = sys::CUipcMemHandle { reserved: [0; 64] };
+        // SAFETY: the pool is the start of one cuMemAlloc allocation that lives as long as the cache.
+        let status = unsafe { sys::cuIpcGetMemHandle(&mut handle, cache.pool.ptr) };
+        if status != sys::CUresult::CUDA_SUCCESS {
+            tracing::warn!("the KV pool cannot be shared with other processes ({status:?}): KV moves over TCP");
+            return None;
+        }
+        Some(KvCacheExport {
+            handle: handle.reserved.iter().map(|&c| c as u8).collect(),
+            layer_bytes: cache.layer_bytes as u64,
+            block_bytes: self.kv_block_bytes(&cache.layout) as u64,
+            n_layers: cache.layout.n_layers as u32,
+        })
+    }
+
+    fn open_peer_kv_cache(&self, export: &KvCacheExport) -> Result<PeerKvCache> {
+        use cudarc::driver::sys;
+        let mut handle = sys::CUipcMemHandle { reserved: [0; 64] };
+        if export.handle.len() != handle.reserved.len() {
+            return Err(err(format!(
+                "a CUDA IPC handle has 64 bytes, not {}",
+                export.handle.len()
+            )));
+        }
+        for (dst, &src) in handle.reserved.iter_mut().zip(&export.handle) {
+            *dst = src as _;
+        }
+        driver("bind context", self.ctx.bind_to_thread())?;
+        let mut base: CUdeviceptr = 0;
+        // Lazy peer access: the peer's pool may live on another GPU of this host (NVLink or PCIe).
+        let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
+        // SAFETY: `handle` came from cuIpcGetMemHandle in the peer process; base receives the mapping.
+        let status = unsafe { sys::cuIpcOpenMemHandle_v2(&mut base, handle, flags) };
+        if status != sys::CUresult::CUDA_SUCCESS {
+            return Err(err(format!("opening the peer's KV pool through CUDA IPC: {status:?}")));
+        }
+        Ok(PeerKvCache {
+            base,
+            layer_bytes: export.layer_bytes,
+            block_bytes: export.block_bytes,
+            n_layers: export.n_layers,
+        })
+    }
+
+    fn close_peer_kv_cache(&self, peer: PeerKvCache) {
+        let _ = self.synchronize();
+        // SAFETY: base came from cuIpcOpenMemHandle and no copy into it is pending (synchronised above).
+        let _ = unsafe { cudarc::driver::sys::cuIpcCloseMemHandle(peer.base) };
+    }
+
+    fn copy_kv_blocks_to_peer(
+        &self,
+        cache: &CudaKvCache,
+        peer: &PeerKvCache,
+        layer_idx: usize,
+        blocks: &[(u32, u32)],
+    ) -> Result<()> {
+        let block_bytes = self.kv_block_bytes(&cache.layout) as u64;
+        if peer.block_bytes != block_bytes || peer.n_layers as usize != cache.layout.n_layers {
+            return Err(err(format!(
+                "the peer's KV layout ({} layers of {}-byte blocks) differs from ours ({} of {block_bytes})",
+                peer.n_layers, peer.block_bytes, cache.layout.n_layers
+            )));
+        }
+        let peer_blocks = peer.layer_bytes / block_bytes;
+        let src_layer = cache.layer_ptr(layer_idx);
+        let dst_layer = peer.base + layer_idx as u64 * peer.layer_bytes;
+        // Runs of consecutive ids on both sides go as one copy.
+        let mut i = 0;
+        while i < blocks.len() {
+            let (src, dst) = blocks[i];
+            if src as usize >= cache.layout.n_blocks || dst as u64 >= peer_blocks {
+                return Err(err(format!("KV block {src} → peer block {dst} is out of range")));
+            }
+            let mut n = 1;
+            while i + n < blocks.len()
+                && blocks[i + n] == (src + n as u32, dst + n as u32)
+                && (dst as u64 + n as u64) < peer_blocks
+            {
+                n += 1;
+            }
+            // SAFETY: both ranges are inside their pools (checked above); the copy is ordered on our stream.
+            driver("copying KV blocks to the peer's GPU memory", unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    dst_layer + dst as u64 * block_bytes,
+                    src_layer + src as u64 * block_bytes,
+                    n * block_bytes as usize,
+                    self.stream.cu_stream(),
+                )
+            })?;
+            i += n;
+        }
+        Ok(())
     }
 }
 
