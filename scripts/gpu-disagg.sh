@@ -54,16 +54,21 @@ for n in a:
 PY
 
 # 2. TTFT, one request at a time: remote prefill over CUDA IPC, over TCP, and local prefill on the decode GPU.
-ttft() { # label, spec, input length
-    "$bin" bench --compare "/tmp/specs/$2.yaml" --rate inf --max-concurrency 1 --num-requests "${N_TTFT:-4}" \
-        --seed 3 --input-len "fixed:$3" --output-len fixed:8 --vocab-size "$VOCAB" \
-        --output-json "$out/ttft-$1-$3.json" > "$out/ttft-$1-$3.txt" 2>&1 || echo "ttft $1 $3 FAILED"
+ttft() { # label, spec
+    "$bin" serve --config "/tmp/specs/$2.yaml" > "$out/serve-ttft-$1.log" 2>&1 &
+    local pid=$!
+    for _ in $(seq 600); do curl -sf localhost:8000/health > /dev/null && break; sleep 0.5; done
+    for len in ${TTFT_LENS:-8192 32768}; do
+        "$bin" bench --url http://127.0.0.1:8000 --rate inf --max-concurrency 1 --num-requests "${N_TTFT:-3}" \
+            --seed 3 --input-len "fixed:$len" --output-len fixed:8 --vocab-size "$VOCAB" \
+            --output-json "$out/ttft-$1-$len.json" > "$out/ttft-$1-$len.txt" 2>&1 || echo "ttft $1 $len FAILED"
+    done
+    curl -s localhost:8000/metrics > "$out/metrics-ttft-$1.txt"
+    kill -INT $pid; wait $pid || true
 }
-for len in ${TTFT_LENS:-8192 32768}; do
-    ttft ipc disaggregated $len
-    CLEAVE_KV_TRANSPORT=tcp ttft tcp disaggregated $len
-    ttft local local $len
-done
+ttft ipc disaggregated
+CLEAVE_KV_TRANSPORT=tcp ttft tcp disaggregated
+ttft local local
 python3 - "$out" <<'PY' | tee "$out/summary.txt"
 import json, sys, glob, os
 print(f"{'run':28} {'TTFT p50 ms':>12} {'mean':>10} {'max':>10}")
