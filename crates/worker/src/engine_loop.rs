@@ -17,7 +17,7 @@ use cleave_wire::{
 use tokio::sync::mpsc;
 
 use crate::connection::CancelledPrefills;
-use crate::{Command, PREFILL_LINKS_MAX, REMOTE_PENDING_MAX, WorkerConfig};
+use crate::{Command, PREFILL_LINKS_MAX, REMOTE_PENDING_MAX, REMOTE_QUEUE_TOKENS_MAX, WorkerConfig};
 
 /// Status goes out at most this often while the worker is busy (KV events wait for it), and at least this often...
 const STATUS_INTERVAL_MIN: Duration = Duration::from_millis(10);
@@ -36,6 +36,8 @@ struct Client {
 struct PendingRemote {
     link: String,
     sent_at: Instant,
+    /// Prompt tokens the prefill worker computes.
+    tokens: usize,
     /// KV bytes the prefill worker sends.
     bytes: u64,
     /// The prefill worker writes straight into this request's blocks (CUDA IPC).
@@ -354,10 +356,11 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
 
     /// Conditional disaggregation: prefill remotely only when it pays — the part of the prompt not already in this
     /// worker's prefix cache is long enough that computing it here would stall the running decodes, and the
-    /// prefill pool is not backed up. Returns the link to use. Each decision is logged with its inputs.
+    /// prefill worker is not backed up: a prompt shorter than the work already queued there (from this worker) is
+    /// computed here, where it stalls decodes briefly instead of waiting behind a long prompt. Returns the link to
+    /// use. Each decision is logged with its inputs.
     fn remote_prefill_link(&mut self, prompt: usize, cached: usize, named: Option<String>) -> Option<(String, Link)> {
         let uncached = prompt - cached;
-        let wanted = uncached >= self.remote_prefill_tokens_min && self.pending.len() < REMOTE_PENDING_MAX;
         let link = match named {
             Some(addr) => {
                 self.ensure_link(&addr);
@@ -365,12 +368,22 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
             }
             None => self.least_busy_link(),
         };
+        let queued: usize = link.as_ref().map_or(0, |(addr, _)| {
+            self.pending
+                .values()
+                .filter(|p| &p.link == addr)
+                .map(|p| p.tokens)
+                .sum()
+        });
+        let backed_up = queued > REMOTE_QUEUE_TOKENS_MAX.max(uncached) || self.pending.len() >= REMOTE_PENDING_MAX;
+        let wanted = uncached >= self.remote_prefill_tokens_min && !backed_up;
         let decision = if wanted && link.is_some() { "remote" } else { "local" };
         tracing::debug!(
             prompt,
             cached,
             uncached,
             threshold = self.remote_prefill_tokens_min,
+            queued,
             pending = self.pending.len(),
             link = link.as_ref().map(|(addr, _)| addr.as_str()),
             "{decision} prefill"
@@ -427,6 +440,7 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
         let pending = PendingRemote {
             link: addr,
             sent_at: Instant::now(),
+            tokens: (plan.n_blocks - plan.n_cached_blocks) * self.engine.kv_layout().block_size,
             bytes,
             ipc: link.ipc,
             cancelled: false,

@@ -38,6 +38,9 @@ pub const INBOX_MAX: usize = 4096;
 pub const OUTBOX_MAX: usize = 1024;
 /// Remote prefills in flight at most: beyond it the prefill pool is backed up and prompts are prefilled locally.
 pub const REMOTE_PENDING_MAX: usize = 64;
+/// Prompt tokens queued at a prefill worker (from this decode worker) beyond which it counts as backed up: a prompt
+/// shorter than that is prefilled locally rather than wait behind them.
+pub const REMOTE_QUEUE_TOKENS_MAX: usize = 8192;
 /// Prefill workers a decode worker keeps links to at most (each link is one task and one socket).
 pub const PREFILL_LINKS_MAX: usize = 256;
 
