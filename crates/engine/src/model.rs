@@ -127,7 +127,7 @@ impl<B: Backend> Model<B> {
     /// (a backend replaying a captured step may return padding rows after them).
     pub fn forward(&self, backend: &B, cache: &mut B::KvCache, step: &StepBatch) -> Result<B::Tensor> {
         backend.run_step(step, &mut |batch| {
-            self.forward_batch(backend, cache, batch, step.logit_rows.len(), &mut |_, _| Ok(()))
+            self.forward_batch(backend, cache, batch, &mut |_, _| Ok(()))
         })
     }
 
@@ -141,7 +141,7 @@ impl<B: Backend> Model<B> {
         layer_done: &mut dyn FnMut(usize, &B::KvCache) -> Result<()>,
     ) -> Result<B::Tensor> {
         let batch = backend.batch(step)?;
-        self.forward_batch(backend, cache, &batch, step.logit_rows.len(), layer_done)
+        self.forward_batch(backend, cache, &batch, layer_done)
     }
 
     fn forward_batch(
@@ -149,7 +149,6 @@ impl<B: Backend> Model<B> {
         backend: &B,
         cache: &mut B::KvCache,
         batch: &B::Batch,
-        n_logit_rows: usize,
         layer_done: &mut dyn FnMut(usize, &B::KvCache) -> Result<()>,
     ) -> Result<B::Tensor> {
         let c = &self.config;
@@ -192,8 +191,9 @@ impl<B: Backend> Model<B> {
             backend.add_rms_norm(&mut x, &o, next_norm, eps, &mut h);
         }
 
-        // logits = lm_head(rms_norm(x)) for the rows that sample.
-        let n_out = n_logit_rows;
+        // logits = lm_head(rms_norm(x)) for the rows that sample (as many as the batch has: a graph-captured
+        // decode batch is padded to its bucket).
+        let n_out = backend.batch_logit_rows(batch);
         let mut last = backend.tensor(n_out, c.hidden_size)?;
         backend.gather_logit_rows(&mut last, &h, batch);
         let mut logits = backend.tensor(n_out, c.vocab_size)?;

@@ -657,13 +657,16 @@ fn sse_events(run: Run) -> impl Stream<Item = Result<Event, Infallible>> {
                             Some(Step::Tokens(tokens)) => {
                                 let finish = tokens.finish.as_deref().map(Run::finish_reason);
                                 match finish {
+                                    // A chunk per update that carries tokens, even when their text is
+                                    // empty (held back for a stop string or an incomplete character, or no
+                                    // text at all): clients time tokens by chunks.
                                     None => {
-                                        if !tokens.text.is_empty() {
+                                        if !tokens.token_ids.is_empty() || !tokens.text.is_empty() {
                                             events.push(run.chunk(Some(&tokens.text), false, None));
                                         }
                                     }
                                     Some(Ok(reason)) => {
-                                        if !tokens.text.is_empty() {
+                                        if !tokens.token_ids.is_empty() || !tokens.text.is_empty() {
                                             events.push(run.chunk(Some(&tokens.text), false, None));
                                         }
                                         events.push(run.chunk(None, false, Some(reason)));

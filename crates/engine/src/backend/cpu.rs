@@ -124,6 +124,10 @@ impl Backend for CpuBackend {
         batch.n_tokens()
     }
 
+    fn batch_logit_rows(&self, batch: &StepBatch) -> usize {
+        batch.logit_rows.len()
+    }
+
     fn tensor(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
         Ok(CpuTensor {
             rows,

@@ -117,6 +117,8 @@ pub trait Backend: Send + Sync {
     fn tensor(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// Token rows of an uploaded batch (a captured step's batch may be padded past the step's tokens).
     fn batch_tokens(&self, batch: &Self::Batch) -> usize;
+    /// Rows of the batch whose logits are computed (`logit_rows`, plus padding in a padded batch).
+    fn batch_logit_rows(&self, batch: &Self::Batch) -> usize;
 
     /// `out[t] = table[token_ids[t]]`.
     fn embed(&self, out: &mut Self::Tensor, table: &Self::Weight, batch: &Self::Batch);

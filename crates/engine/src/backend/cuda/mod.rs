@@ -1244,6 +1244,10 @@ impl Backend for CudaBackend {
         batch.n_tokens
     }
 
+    fn batch_logit_rows(&self, batch: &CudaBatch) -> usize {
+        batch.n_logit_rows
+    }
+
     /// Decode steps of up to GRAPH_BATCH_MAX sequences run as CUDA graphs, one per power-of-two batch bucket: the
     /// first step of a bucket runs op by op and is captured; later ones upload their inputs and replay it, which
     /// removes the per-kernel launch cost (hundreds of launches per step).
