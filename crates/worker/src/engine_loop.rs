@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::connection::CancelledPrefills;
 use crate::{Command, PREFILL_LINKS_MAX, REMOTE_PENDING_MAX, REMOTE_QUEUE_TOKENS_MAX, WorkerConfig};
+use crate::LOCAL_PREFILL_TOKENS_MAX;
 
 /// Status goes out at most this often while the worker is busy (KV events wait for it), and at least this often...
 const STATUS_INTERVAL_MIN: Duration = Duration::from_millis(10);
@@ -356,8 +357,9 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
 
     /// Conditional disaggregation: prefill remotely only when it pays — the part of the prompt not already in this
     /// worker's prefix cache is long enough that computing it here would stall the running decodes, and the
-    /// prefill worker is not backed up: a prompt shorter than the work already queued there (from this worker) is
-    /// computed here, where it stalls decodes briefly instead of waiting behind a long prompt. Returns the link to
+    /// prefill worker is not backed up: while more than `REMOTE_QUEUE_TOKENS_MAX` tokens are queued there (from
+    /// this worker), a short prompt (under `LOCAL_PREFILL_TOKENS_MAX`) is computed here, where it stalls decodes
+    /// for about one step instead of waiting behind long prompts. Returns the link to
     /// use. Each decision is logged with its inputs.
     fn remote_prefill_link(&mut self, prompt: usize, cached: usize, named: Option<String>) -> Option<(String, Link)> {
         let uncached = prompt - cached;
@@ -375,7 +377,9 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                 .map(|p| p.tokens)
                 .sum()
         });
-        let backed_up = queued > REMOTE_QUEUE_TOKENS_MAX.max(uncached) || self.pending.len() >= REMOTE_PENDING_MAX;
+        // Only a short prompt is worth computing here: a long one would stall every running decode for long.
+        let backed_up = (queued > REMOTE_QUEUE_TOKENS_MAX && uncached < LOCAL_PREFILL_TOKENS_MAX)
+            || self.pending.len() >= REMOTE_PENDING_MAX;
         let wanted = uncached >= self.remote_prefill_tokens_min && !backed_up;
         let decision = if wanted && link.is_some() { "remote" } else { "local" };
         tracing::debug!(

@@ -38,9 +38,12 @@ pub const INBOX_MAX: usize = 4096;
 pub const OUTBOX_MAX: usize = 1024;
 /// Remote prefills in flight at most: beyond it the prefill pool is backed up and prompts are prefilled locally.
 pub const REMOTE_PENDING_MAX: usize = 64;
-/// Prompt tokens queued at a prefill worker (from this decode worker) beyond which it counts as backed up: a prompt
-/// shorter than that is prefilled locally rather than wait behind them.
+/// Prompt tokens queued at a prefill worker (from this decode worker) beyond which it counts as backed up for short
+/// prompts: those are then prefilled locally rather than wait behind long ones.
 pub const REMOTE_QUEUE_TOKENS_MAX: usize = 8192;
+/// Prompts (uncached part) below this many tokens may be prefilled locally when the prefill worker is backed up;
+/// longer ones always go remote, since prefilling them here would stall every running decode for long.
+pub const LOCAL_PREFILL_TOKENS_MAX: usize = 2048;
 /// Prefill workers a decode worker keeps links to at most (each link is one task and one socket).
 pub const PREFILL_LINKS_MAX: usize = 256;
 

@@ -163,6 +163,9 @@ impl CudaKvCache {
     }
 }
 
+/// Context tokens one block of the decode attention kernel walks at most (see `attention`).
+const ATTENTION_SPLIT_TOKENS: usize = 1024;
+
 /// One step's inputs, uploaded once.
 pub struct CudaBatch {
     token_ids: u64,
@@ -178,6 +181,9 @@ pub struct CudaBatch {
     n_prefill_tiles: [usize; TILE_ROWS.len()],
     /// Longest run of new tokens of one sequence in the step.
     q_len_max: usize,
+    /// Most blocks in one sequence's table (a graph's batch: the table stride it was captured with), which bounds
+    /// every context of the step.
+    table_blocks_max: usize,
     n_tokens: usize,
     n_logit_rows: usize,
     /// The buffers behind the pointers, when the batch owns them (a graph's batch points into the graph's).
@@ -221,6 +227,7 @@ impl GraphInputs {
             prefill_tiles: [0; TILE_ROWS.len()],
             n_prefill_tiles: [0; TILE_ROWS.len()],
             q_len_max: 1,
+            table_blocks_max: self.table_stride,
             n_tokens: self.bucket,
             n_logit_rows: self.bucket,
             _buffers: Vec::new(),
@@ -720,9 +727,15 @@ impl CudaBackend {
             ("attention".into(), shape.n_heads)
         };
         // Few blocks — decode — would leave most SMs idle: split each context across blocks (flash-decoding) so
-        // that about two blocks per SM run, and merge the splits after.
+        // that about two blocks per SM run, and merge the splits after. Long contexts are split further, at most
+        // ATTENTION_SPLIT_TOKENS per block: otherwise one block walks a whole 32k-token context while the rest of
+        // the GPU waits. A graph's batch bounds the context by its table stride, so a longer context recaptures.
         let pairs = batch.n_tokens * shape.n_heads;
-        let n_splits = (2 * self.n_sms).div_ceil(batch.n_tokens * blocks_y).clamp(1, 32);
+        let context_max = batch.table_blocks_max * cache.layout.block_size;
+        let n_splits = (2 * self.n_sms)
+            .div_ceil(batch.n_tokens * blocks_y)
+            .max(context_max.div_ceil(ATTENTION_SPLIT_TOKENS))
+            .clamp(1, 32);
         let partial = (n_splits > 1).then(|| {
             self.alloc(pairs * n_splits * (shape.head_dim + 2) * 4)
                 .expect("allocating attention partials")
@@ -1234,6 +1247,7 @@ impl Backend for CudaBackend {
                 tile_list_starts.get(k + 1).copied().unwrap_or(tiles.len() / 4) - tile_list_starts[k]
             }),
             q_len_max: step.seqs.iter().map(|s| s.q_len as usize).max().unwrap_or(0),
+            table_blocks_max: step.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0),
             n_tokens: step.n_tokens(),
             n_logit_rows: step.logit_rows.len(),
             _buffers: buffers,
