@@ -278,6 +278,7 @@ impl Plan {
             shared_prefix_len: args.shared_prefix_len,
             temperature: args.temperature,
             seed: args.seed,
+            run: 0,
             extra,
         };
 
@@ -457,21 +458,26 @@ async fn run_target(
         Some(model) => model.clone(),
         None => runner::first_model(client, base_url, plan.api_key.as_deref()).await?,
     };
-    let bodies = BodyBuilder::new(BodyConfig {
-        model: model.clone(),
-        ..plan.body.clone()
-    });
+    let bodies_for = |run: usize| {
+        BodyBuilder::new(BodyConfig {
+            model: model.clone(),
+            run: run as u64,
+            ..plan.body.clone()
+        })
+    };
+    let probe_bodies = bodies_for(0);
     let target = Target {
         base_url: base_url.to_string(),
         endpoint: plan.endpoint,
         api_key: plan.api_key.clone(),
         request_timeout: plan.request_timeout,
     };
-    probe(client, &target, &bodies)
+    probe(client, &target, &probe_bodies)
         .await
         .with_context(|| format!("{target_name}: the probe request failed"))?;
     let mut runs = Vec::new();
-    for &rate in &plan.rates {
+    for (run_idx, &rate) in plan.rates.iter().enumerate() {
+        let bodies = bodies_for(run_idx);
         let workload = WorkloadConfig {
             rate: rate.unwrap_or(1.0),
             ..plan.workload.clone()

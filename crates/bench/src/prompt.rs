@@ -7,7 +7,7 @@
 //! cleave's byte-tokenizer presets pass `--vocab-size 256`.
 //!
 //! Each request's prompt is drawn from its own ChaCha8 stream, so it depends only on the seed, the request's index
-//! and its length. Right after the shared prefix (`--shared-prefix-len`, the same ids for every request) come the
+//! (offset per run of a rate sweep, so that no run finds an earlier run's prompts in a prefix cache) and its length. Right after the shared prefix (`--shared-prefix-len`, the same ids for every request) come the
 //! digits of the request's index in base `vocab_size - lo` (fixed width: 6 for `--vocab-size 256`, 3 for 32000), so
 //! no two requests share more than the prefix and prefix caches cannot help unless asked to.
 //!
@@ -25,6 +25,8 @@ use crate::workload::{RequestPlan, STREAM_PROMPT_BASE, STREAM_SHARED_PREFIX, str
 pub const TOKEN_ID_LOW_MAX: u32 = 1000;
 /// The largest request index whose prompt is guaranteed unique (the probe request uses it).
 pub const REQUEST_IDX_MAX: u64 = 1 << 40;
+/// Prompt indices reserved per run of a sweep (more requests than any run sends).
+const RUN_PROMPT_STRIDE: usize = 1 << 28;
 /// The smallest `--vocab-size` (a byte vocabulary).
 pub const VOCAB_SIZE_MIN: u32 = 256;
 
@@ -67,6 +69,10 @@ pub struct BodyConfig {
     pub shared_prefix_len: u32,
     pub temperature: f64,
     pub seed: u64,
+    /// Which run of a sweep: prompt contents differ per run (same lengths), or a later rate would find the
+    /// prompts of an earlier one in the server's prefix cache.
+    #[serde(skip)]
+    pub run: u64,
     /// Fields merged into every body last (`--extra-body`), overriding ours.
     pub extra: serde_json::Map<String, Value>,
 }
@@ -87,13 +93,18 @@ impl BodyBuilder {
         BodyBuilder { config, prefix }
     }
 
+    /// The index a request's prompt is drawn for: its own, offset per run of a sweep.
+    fn prompt_idx(&self, idx: usize) -> usize {
+        idx + (self.config.run as usize) * RUN_PROMPT_STRIDE
+    }
+
     /// The JSON body of one request.
     pub fn body(&self, plan: &RequestPlan) -> Vec<u8> {
         let config = &self.config;
         let prompt = match (config.format, &plan.text) {
-            (PromptFormat::Tokens, _) => json!(self.token_ids(plan.idx, plan.input_len)),
+            (PromptFormat::Tokens, _) => json!(self.token_ids(self.prompt_idx(plan.idx), plan.input_len)),
             (PromptFormat::Text, Some(text)) => json!(text),
-            (PromptFormat::Text, None) => json!(self.words(plan.idx, plan.input_len)),
+            (PromptFormat::Text, None) => json!(self.words(self.prompt_idx(plan.idx), plan.input_len)),
         };
         let mut body = json!({
             "model": config.model,
@@ -180,6 +191,7 @@ mod tests {
 
     fn builder(format: PromptFormat, vocab_size: u32, shared_prefix_len: u32, seed: u64) -> BodyBuilder {
         BodyBuilder::new(BodyConfig {
+            run: 0,
             endpoint: Endpoint::Completions,
             format,
             model: "m".into(),
@@ -189,6 +201,29 @@ mod tests {
             seed,
             extra: Default::default(),
         })
+    }
+
+    #[test]
+    fn each_run_of_a_sweep_gets_its_own_prompts() {
+        let first = builder(PromptFormat::Tokens, 32000, 0, 5);
+        let second = BodyBuilder::new(BodyConfig {
+            run: 1,
+            ..first.config.clone()
+        });
+        let (a, b) = (first.body(&plan(3, 400)), second.body(&plan(3, 400)));
+        assert_ne!(a, b, "a later rate would hit the prefix cache filled by an earlier one");
+        let ids = |body: &[u8]| {
+            serde_json::from_slice::<Value>(body).unwrap()["prompt"]
+                .as_array()
+                .unwrap()
+                .len()
+        };
+        assert_eq!((ids(&a), ids(&b)), (400, 400));
+        assert_eq!(
+            a,
+            builder(PromptFormat::Tokens, 32000, 0, 5).body(&plan(3, 400)),
+            "still seeded"
+        );
     }
 
     fn plan(idx: usize, input_len: u32) -> RequestPlan {
