@@ -17,8 +17,9 @@ use cleave_wire::{
 use tokio::sync::mpsc;
 
 use crate::connection::CancelledPrefills;
-use crate::{Command, PREFILL_LINKS_MAX, REMOTE_PENDING_MAX, REMOTE_QUEUE_TOKENS_MAX, WorkerConfig};
-use crate::LOCAL_PREFILL_TOKENS_MAX;
+use crate::{
+    Command, LOCAL_PREFILL_TOKENS_MAX, PREFILL_LINKS_MAX, REMOTE_PENDING_MAX, REMOTE_QUEUE_TOKENS_MAX, WorkerConfig,
+};
 
 /// Status goes out at most this often while the worker is busy (KV events wait for it), and at least this often...
 const STATUS_INTERVAL_MIN: Duration = Duration::from_millis(10);
