@@ -329,11 +329,27 @@ fn spawn_worker(
     Ok((child, stdin))
 }
 
-/// Reads the worker's `listening on ADDR` line, then keeps draining its stdout so it never blocks on a full pipe.
-fn wait_listening(child: &mut Child, role: Role) -> Result<String> {
+/// Reads the worker's `listening on ADDR` line (waiting until `deadline` at most: a worker that hangs while loading
+/// is killed), then keeps draining its stdout on a thread so it never blocks on a full pipe.
+fn wait_listening(child: &mut Child, role: Role, deadline: Instant) -> Result<String> {
     let stdout = child.stdout.take().expect("piped");
-    let mut lines = BufReader::new(stdout).lines();
-    let line = lines.next().transpose().context("reading a worker's output")?;
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = first_tx.send(lines.next().transpose());
+        for _ in lines.map_while(Result::ok) {}
+    });
+    let line = match first_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(line) => line.context("reading a worker's output")?,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the {} worker did not listen within {WORKER_START_TIMEOUT:?}: killed; its errors are above",
+                role_arg(role)
+            );
+        }
+    };
     let Some(line) = line else {
         let status = child.wait().ok();
         bail!(
@@ -345,29 +361,25 @@ fn wait_listening(child: &mut Child, role: Role) -> Result<String> {
         .strip_prefix("listening on ")
         .with_context(|| format!("unexpected first line from a worker: {line:?}"))?
         .to_string();
-    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
     Ok(addr)
 }
 
 /// Starts `count` workers of a role at once (models load in parallel) and waits until all listen.
 fn start_pool(spec: &DeploymentSpec, role: Role, count: usize, prefill_addrs: &[String]) -> Result<Vec<WorkerProcess>> {
-    let started = Instant::now();
+    let deadline = Instant::now() + WORKER_START_TIMEOUT;
     let mut spawned = Vec::new();
     for index in 0..count {
         spawned.push(spawn_worker(spec, role, index, prefill_addrs)?);
     }
     let mut workers = Vec::new();
     for (mut child, stdin) in spawned {
-        let addr = wait_listening(&mut child, role)?;
+        let addr = wait_listening(&mut child, role, deadline)?;
         workers.push(WorkerProcess {
             role,
             addr,
             child,
             stdin: Some(stdin),
         });
-    }
-    if started.elapsed() > WORKER_START_TIMEOUT {
-        tracing::warn!("workers took {:?} to start", started.elapsed());
     }
     Ok(workers)
 }
