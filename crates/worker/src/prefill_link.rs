@@ -37,6 +37,7 @@ pub(crate) async fn prefill_link(addr: String, inbox: SyncSender<Command>, hello
 }
 
 async fn link_once(addr: &str, inbox: &SyncSender<Command>, hello: &Hello) -> Result<(), String> {
+    let started = std::time::Instant::now();
     let socket = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let _ = socket.set_nodelay(true);
     let (mut sink, mut stream) = Framed::new(socket, FrameCodec::default()).split();
@@ -54,7 +55,8 @@ async fn link_once(addr: &str, inbox: &SyncSender<Command>, hello: &Hello) -> Re
         }
     };
     let transport = if ipc { "CUDA IPC" } else { "TCP" };
-    tracing::info!(%addr, "linked to prefill worker, KV over {transport}");
+    let handshake_ms = started.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(%addr, handshake_ms, "linked to prefill worker, KV over {transport}");
     let (outbox, mut outbox_rx) = mpsc::channel::<Message>(OUTBOX_MAX);
     let up = Command::PrefillLinkUp {
         addr: addr.to_string(),
