@@ -157,12 +157,7 @@ struct WorkerArgs {
 }
 
 fn worker(args: WorkerArgs) -> Result<()> {
-    let role = match args.role.as_str() {
-        "aggregated" => cleave_wire::Role::Aggregated,
-        "prefill" => cleave_wire::Role::Prefill,
-        "decode" => cleave_wire::Role::Decode,
-        other => bail!("unknown role {other:?} (aggregated, prefill, decode)"),
-    };
+    let role = cleave_wire::Role::parse_worker(&args.role).map_err(anyhow::Error::msg)?;
     if !args.cpus.is_empty() {
         pin_to_cpus(&args.cpus)?;
     }

@@ -258,15 +258,6 @@ struct WorkerProcess {
     stdin: Option<ChildStdin>,
 }
 
-fn role_arg(role: Role) -> &'static str {
-    match role {
-        Role::Aggregated => "aggregated",
-        Role::Prefill => "prefill",
-        Role::Decode => "decode",
-        Role::Frontend => "frontend",
-    }
-}
-
 /// Starts one worker process; its address arrives later through `wait_listening`.
 fn spawn_worker(
     spec: &DeploymentSpec,
@@ -290,7 +281,7 @@ fn spawn_worker(
         .arg("worker")
         .args([
             "--role",
-            role_arg(role),
+            role.as_str(),
             "--model",
             &spec.model,
             "--backend",
@@ -346,7 +337,7 @@ fn wait_listening(child: &mut Child, role: Role, deadline: Instant) -> Result<St
             let _ = child.wait();
             bail!(
                 "the {} worker did not listen within {WORKER_START_TIMEOUT:?}: killed; its errors are above",
-                role_arg(role)
+                role.as_str()
             );
         }
     };
@@ -354,7 +345,7 @@ fn wait_listening(child: &mut Child, role: Role, deadline: Instant) -> Result<St
         let status = child.wait().ok();
         bail!(
             "the {} worker exited before listening ({status:?}); its errors are above",
-            role_arg(role)
+            role.as_str()
         );
     };
     let addr = line
@@ -397,7 +388,7 @@ fn stop_workers(workers: &mut [WorkerProcess]) {
                 Ok(None) if Instant::now() >= deadline => {
                     eprintln!(
                         "cleave: {} worker {} did not drain in time: killing it",
-                        role_arg(w.role),
+                        w.role.as_str(),
                         w.addr
                     );
                     let _ = w.child.kill();
@@ -517,13 +508,7 @@ pub struct FrontendArgs {
 
 fn parse_worker(s: &str) -> Result<(Role, String), String> {
     let (role, addr) = s.split_once('=').ok_or("expected ROLE=HOST:PORT")?;
-    let role = match role {
-        "aggregated" => Role::Aggregated,
-        "prefill" => Role::Prefill,
-        "decode" => Role::Decode,
-        other => return Err(format!("unknown role {other:?} (aggregated, prefill, decode)")),
-    };
-    Ok((role, addr.to_string()))
+    Ok((Role::parse_worker(role)?, addr.to_string()))
 }
 
 pub fn frontend(args: FrontendArgs) -> Result<()> {
@@ -609,7 +594,7 @@ impl DiscoveredWorkers {
                 id = record.id,
                 addr = record.addr,
                 model = record.model,
-                role = role_arg(record.role),
+                role = record.role.as_str(),
                 "skipping a discovered worker: this frontend serves {:?} from aggregated, prefill and decode workers",
                 self.model
             );
@@ -618,7 +603,7 @@ impl DiscoveredWorkers {
         tracing::info!(
             id = record.id,
             addr = record.addr,
-            role = role_arg(record.role),
+            role = record.role.as_str(),
             "worker discovered"
         );
         self.pool.add_worker(&record.addr, record.role);

@@ -138,15 +138,6 @@ fn router_role(role: Role) -> cleave_router::Role {
     }
 }
 
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Aggregated => "aggregated",
-        Role::Prefill => "prefill",
-        Role::Decode => "decode",
-        Role::Frontend => "frontend",
-    }
-}
-
 impl WorkerPool {
     /// A pool for workers serving `model` with KV blocks of `block_size` tokens; workers that differ are refused.
     pub fn new(model: &str, block_size: usize, router: RouterConfig, metrics: Arc<Metrics>) -> Self {
@@ -196,7 +187,7 @@ impl WorkerPool {
             task: task.abort_handle(),
         };
         state.workers.insert(id, entry);
-        tracing::info!(addr, role = role_name(role), "worker added");
+        tracing::info!(addr, role = role.as_str(), "worker added");
     }
 
     /// Forgets the worker at `addr`: no new requests go there; its in-flight requests fail.
@@ -343,13 +334,13 @@ fn disconnected(shared: &Shared, state: &mut PoolState, id: WorkerId, (addr, rol
         .collect();
     for rid in lost {
         let request = state.requests.remove(&rid).expect("listed above");
-        let message = format!("{} worker {addr} failed: {reason}", role_name(role));
+        let message = format!("{} worker {addr} failed: {reason}", role.as_str());
         let _ = request.events.try_send(WorkerEvent::Failed {
             message,
             retryable: false,
         });
     }
-    shared.metrics.worker_down(addr, role_name(role));
+    shared.metrics.worker_down(addr, role.as_str());
 }
 
 async fn connect_once(shared: &Shared, id: WorkerId, addr: &str, role: Role) -> Result<(), String> {
@@ -388,7 +379,7 @@ async fn connect_once(shared: &Shared, id: WorkerId, addr: &str, role: Role) -> 
             .map_err(|e| e.to_string())?;
     }
     tracing::info!(addr, "connected to worker");
-    let role_label = role_name(role);
+    let role_label = role.as_str();
     loop {
         tokio::select! {
             out = outbox_rx.recv() => match out {

@@ -46,6 +46,28 @@ pub enum Role {
     Frontend,
 }
 
+impl Role {
+    /// The role's name, as in `hello`, on the command line and in metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Aggregated => "aggregated",
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+            Role::Frontend => "frontend",
+        }
+    }
+
+    /// A worker role from its name; the error lists the names.
+    pub fn parse_worker(name: &str) -> Result<Role, String> {
+        match name {
+            "aggregated" => Ok(Role::Aggregated),
+            "prefill" => Ok(Role::Prefill),
+            "decode" => Ok(Role::Decode),
+            other => Err(format!("unknown role {other:?} (aggregated, prefill, decode)")),
+        }
+    }
+}
+
 /// First message on every connection, both ways. Peers refuse each other when the model or the KV layout differ,
 /// since KV computed for one cannot be used by the other.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
