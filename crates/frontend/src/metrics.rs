@@ -70,8 +70,11 @@ impl Metrics {
             "Requests finished, by endpoint and outcome (success, client_error, overloaded, cancelled, error).",
             &["endpoint", "outcome"],
         );
-        let requests_in_flight = IntGauge::new("cleave_requests_in_flight", "Requests being served now.").unwrap();
-        registry.register(Box::new(requests_in_flight.clone())).unwrap();
+        let requests_in_flight =
+            IntGauge::new("cleave_requests_in_flight", "Requests being served now.").expect("valid metric");
+        registry
+            .register(Box::new(requests_in_flight.clone()))
+            .expect("unique metric");
         let time_to_first_token = histogram(
             "cleave_time_to_first_token_seconds",
             "From the request's arrival to its first token leaving the frontend.",
@@ -109,8 +112,10 @@ impl Metrics {
             ),
             &worker,
         )
-        .unwrap();
-        registry.register(Box::new(kv_transfer_seconds.clone())).unwrap();
+        .expect("valid metric");
+        registry
+            .register(Box::new(kv_transfer_seconds.clone()))
+            .expect("unique metric");
         Self {
             requests,
             requests_in_flight,
