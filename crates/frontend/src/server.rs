@@ -176,7 +176,7 @@ async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Response
         }
         let generation = common.validate()?;
         let prompt_ids = match Prompt::parse(&request.prompt)? {
-            Prompt::Text(text) => state.model.encode(&text, true)?,
+            Prompt::Text(text) => encode(&state, text, true).await?,
             Prompt::Ids(ids) => ids,
         };
         Ok((prompt_ids, generation))
@@ -219,7 +219,7 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) -> Res
             }
         })?;
         // The template writes the special tokens itself (as transformers' apply_chat_template assumes).
-        let prompt_ids = state.model.encode(&text, false)?;
+        let prompt_ids = encode(&state, text, false).await?;
         Ok((prompt_ids, generation))
     }
     .await;
@@ -227,6 +227,20 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) -> Res
         Ok((prompt_ids, generation)) => dispatch(state, endpoint, prompt_ids, generation).await,
         Err(e) => refuse(&state, endpoint, e),
     }
+}
+
+/// Prompts longer than this (bytes) are tokenized on the blocking pool: a 1k-token prompt takes ~0.5 ms of CPU
+/// (docs/benchmarks.md), which would hold up every other request on the same async worker thread.
+const TOKENIZE_INLINE_BYTES_MAX: usize = 1024;
+
+async fn encode(state: &Arc<AppState>, text: String, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
+    if text.len() <= TOKENIZE_INLINE_BYTES_MAX {
+        return state.model.encode(&text, add_special_tokens);
+    }
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || state.model.encode(&text, add_special_tokens))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("tokenizing the prompt: {e}")))?
 }
 
 fn check_model(state: &AppState, common: &CommonParams) -> Result<(), ApiError> {
