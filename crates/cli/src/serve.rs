@@ -253,6 +253,8 @@ impl DeploymentSpec {
 /// worker drains and exits.
 struct WorkerProcess {
     role: Role,
+    /// Position in its pool (picks its device and CPU).
+    index: usize,
     addr: String,
     child: Child,
     stdin: Option<ChildStdin>,
@@ -363,10 +365,11 @@ fn start_pool(spec: &DeploymentSpec, role: Role, count: usize, prefill_addrs: &[
         spawned.push(spawn_worker(spec, role, index, prefill_addrs)?);
     }
     let mut workers = Vec::new();
-    for (mut child, stdin) in spawned {
+    for (index, (mut child, stdin)) in spawned.into_iter().enumerate() {
         let addr = wait_listening(&mut child, role, deadline)?;
         workers.push(WorkerProcess {
             role,
+            index,
             addr,
             child,
             stdin: Some(stdin),
@@ -432,9 +435,11 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         }
     }
     let metrics = Arc::new(Metrics::new());
+    let pool = WorkerPool::new(&model.name, spec.block_size, spec.router_config(), metrics.clone());
+    let workers = Arc::new(std::sync::Mutex::new(workers));
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let result = runtime.block_on(async {
-        let pool = WorkerPool::new(&model.name, spec.block_size, spec.router_config(), metrics.clone());
-        for w in &workers {
+        for w in workers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             pool.add_worker(&w.addr, w.role);
         }
         let config = FrontendConfig {
@@ -443,6 +448,14 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         };
         let state = Arc::new(AppState::new(model, pool.clone(), metrics, config));
         wait_ready(&pool, &spec).await?;
+        let supervisor = Supervisor {
+            spec: spec.clone(),
+            workers: workers.clone(),
+            pool: pool.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            stopping: stopping.clone(),
+        };
+        std::thread::spawn(move || supervisor.run());
         println!("serving {} on http://{addr}", state.model.name);
         axum::serve(listener, cleave_frontend::routes(state))
             .with_graceful_shutdown(shutdown_signal())
@@ -450,8 +463,84 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             .context("serving HTTP")
     });
     eprintln!("cleave: stopping workers");
-    stop_workers(&mut workers);
+    stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop_workers(&mut workers.lock().unwrap_or_else(|e| e.into_inner()));
     result
+}
+
+/// Restarts workers that exit while the deployment runs (their in-flight requests fail with an error naming the
+/// worker; new ones go to the others until the replacement is up). A worker that keeps dying is left down.
+struct Supervisor {
+    spec: DeploymentSpec,
+    workers: Arc<std::sync::Mutex<Vec<WorkerProcess>>>,
+    pool: WorkerPool,
+    runtime: tokio::runtime::Handle,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Restarts of one worker slot allowed within [`RESTART_WINDOW`].
+const RESTARTS_MAX: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(300);
+
+impl Supervisor {
+    fn run(self) {
+        let mut restarts: Vec<Vec<Instant>> = Vec::new();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+            restarts.resize(workers.len(), Vec::new());
+            for slot in 0..workers.len() {
+                let Ok(Some(status)) = workers[slot].child.try_wait() else {
+                    continue;
+                };
+                let (role, index, old) = (workers[slot].role, workers[slot].index, workers[slot].addr.clone());
+                restarts[slot].retain(|t| t.elapsed() < RESTART_WINDOW);
+                if restarts[slot].len() >= RESTARTS_MAX {
+                    continue; // left down: already reported
+                }
+                restarts[slot].push(Instant::now());
+                eprintln!(
+                    "cleave: the {} worker at {old} exited ({status}); restarting it",
+                    role.as_str()
+                );
+                let prefill_addrs: Vec<String> = workers
+                    .iter()
+                    .filter(|w| w.role == Role::Prefill)
+                    .map(|w| w.addr.clone())
+                    .collect();
+                let started = spawn_worker(&self.spec, role, index, &prefill_addrs).and_then(|(mut child, stdin)| {
+                    let addr = wait_listening(&mut child, role, Instant::now() + WORKER_START_TIMEOUT)?;
+                    Ok(WorkerProcess {
+                        role,
+                        index,
+                        addr,
+                        child,
+                        stdin: Some(stdin),
+                    })
+                });
+                match started {
+                    Ok(worker) => {
+                        let (pool, new) = (self.pool.clone(), worker.addr.clone());
+                        self.runtime.spawn(async move {
+                            pool.remove_worker(&old);
+                            pool.add_worker(&new, role);
+                        });
+                        workers[slot] = worker;
+                    }
+                    Err(e) => eprintln!("cleave: restarting the {} worker failed: {e:#}", role.as_str()),
+                }
+                if restarts[slot].len() == RESTARTS_MAX {
+                    eprintln!(
+                        "cleave: the {} worker died {RESTARTS_MAX} times in {RESTART_WINDOW:?}: leaving it down",
+                        role.as_str()
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Waits until the frontend is connected to every worker (each has reported its status).

@@ -75,3 +75,57 @@ fn openai_client_against_cleave_serve() {
     }
     panic!("cleave serve did not exit within 10 s of SIGINT");
 }
+
+/// The worker processes a `cleave serve` runs, in start order (prefill workers first). Linux lists children per
+/// thread, and restarted workers are children of the supervisor's thread: every thread is read.
+fn children(pid: u32) -> Vec<u32> {
+    let mut threads: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    threads.sort();
+    let mut pids: Vec<u32> = threads
+        .iter()
+        .flat_map(|tid| {
+            let list = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")).unwrap_or_default();
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    pids.sort();
+    pids
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_dies_is_restarted_and_serving_resumes() {
+    let serve = start_serve(&[]);
+    let workers = children(serve.child.id());
+    assert_eq!(workers.len(), 2, "one prefill and one decode worker: {workers:?}");
+    let decode = workers[1];
+    let killed = Command::new("kill").args(["-9", &decode.to_string()]).status().unwrap();
+    assert!(killed.success());
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let request = serde_json::json!({ "model": "tiny", "prompt": "after the crash", "max_tokens": 4 });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = children(serve.child.id());
+        let restarted = now.len() == 2 && !now.contains(&decode);
+        let response = http
+            .post(format!("{}/v1/completions", serve.url))
+            .header("content-type", "application/json")
+            .body(request.to_string())
+            .send()
+            .await;
+        if restarted && response.is_ok_and(|r| r.status().is_success()) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no restarted decode worker serving within 30 s (workers now {now:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
