@@ -2,43 +2,13 @@
 //! exact lengths, output lengths are pinned, every token is timed; and `--compare` starts, measures and stops two
 //! deployments (aggregated and disaggregated) one after the other.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
+use common::start_serve;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use serde_json::Value;
-
-struct Serve {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `cleave serve` with the default spec (tiny preset on the CPU, one prefill and one decode worker).
-fn start_serve() -> Serve {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cleave"))
-        .args(["serve", "--port", "0", "--remote-prefill-tokens-min", "128"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("cleave serve starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .split_once(" on ")
-        .map(|(_, url)| url.to_string())
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    Serve { child, url }
-}
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cleave-bench-e2e-{name}-{}", std::process::id()));
@@ -103,7 +73,7 @@ const WORKLOAD: [&str; 12] = [
 
 #[test]
 fn bench_measures_cleave_serve() {
-    let serve = start_serve();
+    let serve = start_serve(&["--remote-prefill-tokens-min", "128"]);
     let dir = temp_dir("serve");
     let (json_path, plots) = (dir.join("out.json"), dir.join("plots"));
     let mut args = vec![

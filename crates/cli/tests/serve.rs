@@ -2,41 +2,11 @@
 //! decode worker; aggregated: one worker), checked through the official `openai` Python client and raw HTTP by
 //! tests/openai/check_serve.py, which ends by sending SIGINT to the disaggregated one: it must drain and exit 0.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::start_serve;
+use std::process::Command;
 use std::time::Duration;
-
-struct Serve {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_serve(args: &[&str]) -> Serve {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cleave"))
-        .args(["serve", "--port", "0"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("cleave serve starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .split_once(" on ")
-        .map(|(_, url)| url.to_string())
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    Serve { child, url }
-}
 
 #[test]
 fn openai_client_against_cleave_serve() {
