@@ -378,10 +378,7 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                 .map(|p| p.tokens)
                 .sum()
         });
-        // Only a short prompt is worth computing here: a long one would stall every running decode for long.
-        let backed_up = (queued > REMOTE_QUEUE_TOKENS_MAX && uncached < LOCAL_PREFILL_TOKENS_MAX)
-            || self.pending.len() >= REMOTE_PENDING_MAX;
-        let wanted = uncached >= self.remote_prefill_tokens_min && !backed_up;
+        let wanted = prefill_remotely(uncached, self.remote_prefill_tokens_min, queued, self.pending.len());
         let decision = if wanted && link.is_some() { "remote" } else { "local" };
         tracing::debug!(
             prompt,
@@ -653,6 +650,16 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
     }
 }
 
+/// The conditional-disaggregation rule for a prompt with `uncached` tokens to compute, given `queued` tokens already
+/// waiting at the chosen prefill worker and `pending` remote prefills in flight from this worker.
+fn prefill_remotely(uncached: usize, threshold: usize, queued: usize, pending: usize) -> bool {
+    // Only a short prompt is worth computing here when the prefill worker is busy: a long one would stall every
+    // running decode for long.
+    let backed_up =
+        (queued > REMOTE_QUEUE_TOKENS_MAX && uncached < LOCAL_PREFILL_TOKENS_MAX) || pending >= REMOTE_PENDING_MAX;
+    uncached >= threshold && !backed_up
+}
+
 fn wire_kv_event(event: &KvEvent) -> WireKvEvent {
     match *event {
         KvEvent::Stored { hash, parent, block } => WireKvEvent::Stored {
@@ -697,4 +704,31 @@ fn deliver(client: &Client, out: RequestOutput) -> bool {
         n_cached_tokens: out.n_cached_tokens as u32,
     };
     client.outbox.try_send(Message::Tokens(tokens)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditional_disaggregation_rule() {
+        let threshold = 256;
+        // Under the threshold: local; at or over it with an idle prefill worker: remote.
+        assert!(!prefill_remotely(255, threshold, 0, 0));
+        assert!(prefill_remotely(256, threshold, 0, 0));
+        // A busy prefill worker keeps short prompts here...
+        let busy = REMOTE_QUEUE_TOKENS_MAX + 1;
+        assert!(!prefill_remotely(LOCAL_PREFILL_TOKENS_MAX - 1, threshold, busy, 1));
+        assert!(prefill_remotely(
+            LOCAL_PREFILL_TOKENS_MAX - 1,
+            threshold,
+            REMOTE_QUEUE_TOKENS_MAX,
+            1
+        ));
+        // ...but never long ones: they would stall the decodes here for long.
+        assert!(prefill_remotely(LOCAL_PREFILL_TOKENS_MAX, threshold, busy, 1));
+        assert!(prefill_remotely(32_768, threshold, 10 * busy, 3));
+        // Too many remote prefills in flight: everything stays here.
+        assert!(!prefill_remotely(32_768, threshold, 0, REMOTE_PENDING_MAX));
+    }
 }
