@@ -2,6 +2,9 @@
 //! loopback, with no worker named on any command line. Workers register themselves; frontends follow them from the
 //! snapshot and the watch; a drained worker leaves at once and a killed one when its lease expires.
 
+// The fixture crates/discovery's tests start etcd with, shared rather than copied.
+#[path = "../../discovery/tests/discovery/server.rs"]
+#[allow(dead_code)] // this test needs only start, endpoints and closed_port
 mod etcd_server;
 
 use std::io::{BufRead, BufReader};
@@ -204,7 +207,7 @@ async fn remote_prefills(http: &reqwest::Client, frontend: &Process) -> f64 {
 #[tokio::test]
 async fn workers_join_and_leave_frontends_through_etcd() {
     let etcd = EtcdServer::start().await;
-    let etcd = etcd.endpoint();
+    let etcd = etcd.endpoints().remove(0);
     let http = reqwest::Client::builder().timeout(PROMPT).build().unwrap();
 
     // A frontend with no worker yet is up but not ready.
