@@ -1,6 +1,7 @@
 //! The HTTP side: OpenAI-compatible routes on axum, validation, tokenization, dispatch to the worker pool, SSE
 //! streaming, and request-level metrics.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -650,10 +651,10 @@ fn sse_events(run: Run) -> impl Stream<Item = Result<Event, Infallible>> {
         Done,
     }
     futures::stream::unfold(
-        (run, Phase::Start, Vec::<Event>::new()),
+        (run, Phase::Start, VecDeque::<Event>::new()),
         |(mut run, mut phase, mut queue)| async move {
             loop {
-                if let Some(event) = queue.pop() {
+                if let Some(event) = queue.pop_front() {
                     return Some((Ok(event), (run, phase, queue)));
                 }
                 match phase {
@@ -661,59 +662,43 @@ fn sse_events(run: Run) -> impl Stream<Item = Result<Event, Infallible>> {
                     Phase::Start => {
                         phase = Phase::Streaming;
                         if run.endpoint == Endpoint::Chat {
-                            queue.push(run.chunk(Some(""), true, None));
+                            queue.push_back(run.chunk(Some(""), true, None));
                         }
                     }
                     Phase::Streaming => {
-                        // Events are pushed in reverse order (the queue pops from the back).
-                        let mut events = Vec::new();
-                        match run.next().await {
+                        let failure = match run.next().await {
                             Some(Step::Tokens(tokens)) => {
                                 let finish = tokens.finish.as_deref().map(Run::finish_reason);
+                                // A chunk per update that carries tokens, even when their text is empty (held
+                                // back for a stop string or an incomplete character, or no text at all): clients
+                                // time tokens by chunks.
+                                let carries = !tokens.token_ids.is_empty() || !tokens.text.is_empty();
+                                if carries && !matches!(finish, Some(Err(_))) {
+                                    queue.push_back(run.chunk(Some(&tokens.text), false, None));
+                                }
                                 match finish {
-                                    // A chunk per update that carries tokens, even when their text is
-                                    // empty (held back for a stop string or an incomplete character, or no
-                                    // text at all): clients time tokens by chunks.
-                                    None => {
-                                        if !tokens.token_ids.is_empty() || !tokens.text.is_empty() {
-                                            events.push(run.chunk(Some(&tokens.text), false, None));
-                                        }
-                                    }
+                                    None => None,
                                     Some(Ok(reason)) => {
-                                        if !tokens.token_ids.is_empty() || !tokens.text.is_empty() {
-                                            events.push(run.chunk(Some(&tokens.text), false, None));
-                                        }
-                                        events.push(run.chunk(None, false, Some(reason)));
+                                        queue.push_back(run.chunk(None, false, Some(reason)));
                                         if run.generation.include_usage {
-                                            events.push(run.usage_chunk());
+                                            queue.push_back(run.usage_chunk());
                                         }
-                                        events.push(Event::default().data("[DONE]"));
+                                        queue.push_back(Event::default().data("[DONE]"));
                                         run.finish("success");
                                         phase = Phase::Done;
+                                        None
                                     }
-                                    Some(Err(message)) => {
-                                        events.push(error_event(&message));
-                                        run.finish("error");
-                                        phase = Phase::Done;
-                                    }
+                                    Some(Err(message)) => Some(message),
                                 }
                             }
-                            Some(Step::Failed(message)) => {
-                                events.push(error_event(&message));
-                                run.finish("error");
-                                phase = Phase::Done;
-                            }
-                            None => {
-                                events.push(error_event(&format!(
-                                    "worker {} dropped the request",
-                                    run.stream.worker
-                                )));
-                                run.finish("error");
-                                phase = Phase::Done;
-                            }
+                            Some(Step::Failed(message)) => Some(message),
+                            None => Some(format!("worker {} dropped the request", run.stream.worker)),
+                        };
+                        if let Some(message) = failure {
+                            queue.push_back(error_event(&message));
+                            run.finish("error");
+                            phase = Phase::Done;
                         }
-                        events.reverse();
-                        queue = events;
                     }
                 }
             }
