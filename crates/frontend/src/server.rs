@@ -299,7 +299,12 @@ async fn dispatch(
         Err(e) => return refuse(&state, endpoint, e),
     };
     state.metrics.requests_in_flight.inc();
-    let mut run = Run {
+    let prefix = match endpoint {
+        Endpoint::Completions => "cmpl",
+        Endpoint::Chat => "chatcmpl",
+    };
+    let id = format!("{prefix}-{:016x}{:08x}", stream.id, state.created as u32);
+    let run = Run {
         state: state.clone(),
         endpoint,
         generation,
@@ -312,11 +317,7 @@ async fn dispatch(
         n_generated: 0,
         outcome: None,
         _permit: permit,
-        id: String::new(),
-    };
-    run.id = match endpoint {
-        Endpoint::Completions => format!("cmpl-{:016x}{:08x}", run.stream.id, state.created as u32),
-        Endpoint::Chat => format!("chatcmpl-{:016x}{:08x}", run.stream.id, state.created as u32),
+        id,
     };
     if run.generation.stream {
         Sse::new(sse_events(run))
