@@ -146,7 +146,9 @@ impl<B: Backend> Engine<B> {
         if config.block_size == 0 {
             return Err(Error::InvalidRequest("block size must be positive".into()));
         }
+        let started = std::time::Instant::now();
         let model = Model::load(&backend, model_config, weights.as_ref())?;
+        tracing::info!(seconds = started.elapsed().as_secs_f64(), "loaded the weights");
         // One block across all layers: a block id names the same slot in every layer.
         let block_bytes = backend.kv_block_bytes(&model.kv_layout(1, config.block_size)) * model.config.n_layers;
         let kv_cache_bytes = match (config.kv_cache_memory_fraction, backend.free_memory_bytes()) {
@@ -161,6 +163,7 @@ impl<B: Backend> Engine<B> {
         }
         let layout = model.kv_layout(n_blocks, config.block_size);
         let cache = backend.kv_cache(&layout)?;
+        tracing::info!(n_blocks, block_bytes, "allocated the KV pool");
         let pool = BlockPool::new(BlockPoolConfig {
             n_blocks,
             block_size: config.block_size,

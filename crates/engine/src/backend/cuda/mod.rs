@@ -1117,7 +1117,8 @@ enum Scalar {
     F32(f32),
 }
 
-/// Compiles kernels.cu for `arch`, or loads the PTX cached from an earlier run (keyed by source hash and arch).
+/// Compiles kernels.cu for `arch`, or loads the machine code cached from an earlier run (keyed by source hash and
+/// arch). The cache holds a CUBIN, not PTX: a PTX module would be compiled again by the driver at every start.
 fn load_kernels(ctx: &Arc<CudaContext>, arch: &str) -> Result<Arc<CudaModule>> {
     let hash = KERNELS_CU.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
@@ -1128,34 +1129,73 @@ fn load_kernels(ctx: &Arc<CudaContext>, arch: &str) -> Result<Arc<CudaModule>> {
         .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/cleave")))
         .unwrap_or_else(|| std::env::temp_dir().join("cleave"))
         .join("kernels");
-    let cached = cache_dir.join(format!("{hash:016x}-{arch}.ptx"));
-    let ptx = match std::fs::read_to_string(&cached) {
-        Ok(text) => cudarc::nvrtc::Ptx::from_src(text),
+    let cached = cache_dir.join(format!("{hash:016x}-{arch}.cubin"));
+    let started = std::time::Instant::now();
+    let cubin = match std::fs::read(&cached) {
+        Ok(cubin) => cubin,
         Err(_) => {
-            let include = std::env::var("CUDA_HOME")
-                .map(|h| format!("{h}/include"))
-                .unwrap_or_else(|_| "/usr/local/cuda/include".into());
-            if !std::path::Path::new(&include).join("cuda_bf16.h").exists() {
-                return Err(err(format!(
-                    "NVRTC needs the CUDA headers (cuda_bf16.h) and {include} has none; set CUDA_HOME to the CUDA toolkit folder"
-                )));
+            let cubin = compile_cubin(arch)?;
+            tracing::info!(arch, seconds = started.elapsed().as_secs_f64(), "compiled kernels.cu with NVRTC");
+            // A failed cache write only costs the next start a compile. Written aside and renamed, so that a worker
+            // starting beside this one never reads half a file.
+            let partial = cached.with_extension(format!("cubin.{}", std::process::id()));
+            if std::fs::create_dir_all(&cache_dir).is_ok() && std::fs::write(&partial, &cubin).is_ok() {
+                let _ = std::fs::rename(&partial, &cached);
             }
-            let opts = cudarc::nvrtc::CompileOptions {
-                arch: Some(Box::leak(arch.to_string().into_boxed_str())),
-                include_paths: vec![include],
-                options: vec!["--std=c++17".into()],
-                ..Default::default()
-            };
-            let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS_CU, opts)
-                .map_err(|e| err(format!("compiling kernels.cu for {arch} with NVRTC failed: {e}")))?;
-            // A failed cache write only costs the next start a compile.
-            if std::fs::create_dir_all(&cache_dir).is_ok() {
-                let _ = std::fs::write(&cached, ptx.to_src());
-            }
-            ptx
+            cubin
         }
     };
-    driver("loading the kernels", ctx.load_module(ptx))
+    driver("loading the kernels", ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)))
+}
+
+/// kernels.cu compiled by NVRTC to machine code for `arch` (`sm_XY`).
+fn compile_cubin(arch: &str) -> Result<Vec<u8>> {
+    use cudarc::nvrtc::{result, sys};
+    let include = std::env::var("CUDA_HOME")
+        .map(|h| format!("{h}/include"))
+        .unwrap_or_else(|_| "/usr/local/cuda/include".into());
+    if !std::path::Path::new(&include).join("cuda_bf16.h").exists() {
+        return Err(err(format!(
+            "NVRTC needs the CUDA headers (cuda_bf16.h) and {include} has none; set CUDA_HOME to the CUDA toolkit folder"
+        )));
+    }
+    let failed = |what: &str, e: cudarc::nvrtc::result::NvrtcError| err(format!("NVRTC {what} for {arch}: {e}"));
+    let source = std::ffi::CString::new(KERNELS_CU).map_err(|_| err("kernels.cu holds a NUL byte".to_string()))?;
+    let program = result::create_program(&source, None).map_err(|e| failed("create", e))?;
+    let options = [
+        format!("--gpu-architecture={arch}"),
+        format!("--include-path={include}"),
+        "--std=c++17".to_string(),
+    ];
+    // SAFETY: `program` was just created and is destroyed once, below.
+    let compiled = unsafe { result::compile_program(program, &options) };
+    let out = match compiled {
+        Err(e) => {
+            // SAFETY: as above.
+            let log = unsafe { result::get_program_log(program) }
+                .map(|log| log.iter().map(|&c| c as u8 as char).collect::<String>())
+                .unwrap_or_default();
+            Err(err(format!(
+                "compiling kernels.cu for {arch} with NVRTC failed: {e}\n{}",
+                log.trim_end_matches('\0')
+            )))
+        }
+        Ok(()) => {
+            let mut size = 0usize;
+            // SAFETY: the program compiled; the buffer is sized by NVRTC's own answer.
+            unsafe { sys::nvrtcGetCUBINSize(program, &mut size).result() }
+                .map_err(|e| failed("CUBIN size", e))
+                .and_then(|()| {
+                    let mut cubin = vec![0u8; size];
+                    unsafe { sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr().cast()).result() }
+                        .map(|()| cubin)
+                        .map_err(|e| failed("CUBIN", e))
+                })
+        }
+    };
+    // SAFETY: created above, destroyed once.
+    let _ = unsafe { result::destroy_program(program) };
+    out
 }
 
 impl Backend for CudaBackend {
