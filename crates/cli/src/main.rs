@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 mod bench_engine;
+mod bench_kv_transfer;
 mod selftest;
 mod serve;
 
@@ -32,6 +33,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Measure the engine alone: prefill and decode times against the hardware's limits (no server, no network).
     BenchEngine(bench_engine::BenchEngineArgs),
+    /// Measure KV block transfer between two GPUs (CUDA IPC, and TCP's stages) against the link's limit.
+    BenchKvTransfer(bench_kv_transfer::BenchKvTransferArgs),
     /// Check the GPU backend against the CPU backend and Hugging Face references on whatever GPU is present.
     Selftest(selftest::SelftestArgs),
     /// Serve a model: start the workers of a deployment and the OpenAI-compatible API (default: tiny preset on the
@@ -328,6 +331,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
         Command::BenchEngine(args) => bench_engine::run(args),
+        Command::BenchKvTransfer(args) => bench_kv_transfer::run(args),
         Command::Selftest(args) => selftest::run(args),
         Command::Worker(args) => worker(args),
         Command::Bench(args) => cleave_bench::run(*args),

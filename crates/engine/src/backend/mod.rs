@@ -209,8 +209,8 @@ pub trait Backend: Send + Sync {
     fn close_peer_kv_cache(&self, _peer: PeerKvCache) {}
 
     /// Copies layer `layer_idx` of blocks `(ours, theirs)` from this cache into the peer's, device to device,
-    /// ordered after the work already queued (so after the layer's K and V are written) and before any later
-    /// download of results, which is how the caller knows the copies are done.
+    /// ordered after the work already queued (so after the layer's K and V are written). The copy may overlap
+    /// later work; [`Backend::finish_peer_copies`] waits for it.
     fn copy_kv_blocks_to_peer(
         &self,
         _cache: &Self::KvCache,
@@ -222,6 +222,11 @@ pub trait Backend: Send + Sync {
             backend: "this",
             message: "this backend cannot copy KV into another process's cache".into(),
         })
+    }
+
+    /// Blocks until every copy queued by [`Backend::copy_kv_blocks_to_peer`] has landed in the peer's memory.
+    fn finish_peer_copies(&self) -> Result<()> {
+        Ok(())
     }
 
     /// Device memory still free, where the backend has its own (sizes the KV pool as a fraction of it).

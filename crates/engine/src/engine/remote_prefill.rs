@@ -195,7 +195,7 @@ impl<B: Backend> Engine<B> {
                 remote.n_blocks
             )));
         }
-        self.prefill_remote_with(remote, params, &mut |backend, cache, layer_idx, blocks| {
+        let first_token = self.prefill_remote_with(remote, params, &mut |backend, cache, layer_idx, blocks| {
             keep_going()?;
             let pairs: Vec<(u32, u32)> = blocks
                 .iter()
@@ -204,7 +204,12 @@ impl<B: Backend> Engine<B> {
                 .map(|(&ours, &theirs)| (ours, theirs))
                 .collect();
             backend.copy_kv_blocks_to_peer(cache, peer, layer_idx, &pairs)
-        })
+        });
+        // Also after a failure or a cancel: copies already queued must land before the blocks change hands.
+        let copied = self.backend.finish_peer_copies();
+        let first_token = first_token?;
+        copied?;
+        Ok(first_token)
     }
 
     /// Computes the prompt and calls `per_layer(backend, cache, layer, blocks)` after each layer's KV is written

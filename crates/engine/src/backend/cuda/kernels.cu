@@ -805,6 +805,14 @@ extern "C" __global__ void argmax_f32(u32* out, const float* logits, u32 vocab) 
     if (threadIdx.x == 0) out[blockIdx.x] = si[0];
 }
 
+// Copies whole KV blocks of one layer into another pool (a peer GPU's, mapped through CUDA IPC): block pairs[2k] of
+// the source goes to block pairs[2k + 1] of the destination, one thread block per pair, in 16-byte words. One launch
+// per layer instead of a copy per run of blocks: a fragmented pool would otherwise cost thousands of small DMA copies.
+extern "C" __global__ void copy_kv_blocks(uint4* dst_layer, const uint4* src_layer, const u32* pairs, u64 block_words) {
+    const u64 src = pairs[2 * blockIdx.x] * block_words, dst = pairs[2 * blockIdx.x + 1] * block_words;
+    for (u64 i = threadIdx.x; i < block_words; i += blockDim.x) dst_layer[dst + i] = src_layer[src + i];
+}
+
 // Streams `n` 16-byte words: the bandwidth ceiling the benchmarks report against.
 extern "C" __global__ void copy_u128(uint4* dst, const uint4* src, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) dst[i] = src[i];

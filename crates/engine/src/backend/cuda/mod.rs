@@ -319,6 +319,10 @@ pub struct CudaBackend {
     _blas_workspace: DeviceBuffer,
     /// The bf16 prefill attention kernel where its shape allows (falls back to the next one otherwise).
     prefill_kernel: PrefillKernel,
+    /// Where KV copies to a peer's pool run, so that layer i's copy overlaps layer i + 1's compute.
+    copy_stream: Arc<CudaStream>,
+    /// Block-pair tables of copies queued on `copy_stream`, kept alive until `finish_peer_copies`.
+    peer_copy_tables: Mutex<Vec<DeviceBuffer>>,
 }
 
 // SAFETY: the backend is used from one thread at a time (the engine's); cudarc's handles are bound to the context
@@ -370,6 +374,7 @@ impl CudaBackend {
         }
         let ctx = driver("creating the CUDA context", CudaContext::new(ordinal))?;
         let stream = driver("creating a stream", ctx.new_stream())?;
+        let copy_stream = driver("creating the KV copy stream", ctx.new_stream())?;
         let blas = cudarc::cublas::CudaBlas::new(stream.clone())
             .map_err(|e| err(format!("creating the cuBLAS handle: {e}")))?;
         let (major, minor) = driver("reading the compute capability", ctx.compute_capability())?;
@@ -397,7 +402,7 @@ impl CudaBackend {
             .iter()
             .map(|n| format!("{n}_{}", elem.suffix()))
             .chain((1..=8).map(|g| format!("attention_gqa{g}_{}", elem.suffix())))
-            .chain(["argmax_f32".into(), "copy_u128".into(), "flash_prefill_bf16".into()])
+            .chain(["argmax_f32", "copy_u128", "copy_kv_blocks", "flash_prefill_bf16"].map(String::from))
             .chain(FA2_HEADS_PER_BLOCK.map(flash2_name))
             .chain(FA2_HEADS_PER_BLOCK.map(flash2q_name));
         for name in names {
@@ -457,6 +462,8 @@ impl CudaBackend {
             block_size: std::sync::atomic::AtomicU32::new(0),
             _blas_workspace: blas_workspace,
             prefill_kernel,
+            copy_stream,
+            peer_copy_tables: Mutex::new(Vec::new()),
         })
     }
 
@@ -505,7 +512,19 @@ impl CudaBackend {
     /// Launches `f` and panics with the kernel's name on a launch failure, which only an invalid configuration (a bug)
     /// or a lost device produces.
     fn launch(&self, name: &str, f: &CudaFunction, cfg: LaunchConfig, args: &[&u64], scalars: &[Scalar]) {
-        let mut builder = self.stream.launch_builder(f);
+        self.launch_on(&self.stream, name, f, cfg, args, scalars)
+    }
+
+    fn launch_on(
+        &self,
+        stream: &CudaStream,
+        name: &str,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        args: &[&u64],
+        scalars: &[Scalar],
+    ) {
+        let mut builder = stream.launch_builder(f);
         for a in args {
             builder.arg(*a);
         }
@@ -569,6 +588,37 @@ impl CudaBackend {
         }
         self.synchronize()?;
         Ok(2.0 * bytes as f64 * reps as f64 / start.elapsed().as_secs_f64() / 1e9)
+    }
+
+    /// Measures the link to `peer`'s GPU with cuMemcpyPeer of `bytes` from here to there, in GB/s (the ceiling KV
+    /// transfer between the two is reported against).
+    pub fn measure_peer_copy_bandwidth(&self, peer: &CudaBackend, bytes: usize, reps: usize) -> Result<f64> {
+        let (src, dst) = (self.alloc(bytes)?, peer.alloc(bytes)?);
+        let copy = || {
+            // SAFETY: both buffers hold `bytes`; each context owns its buffer.
+            let status = unsafe {
+                cudarc::driver::sys::cuMemcpyPeerAsync(
+                    dst.ptr,
+                    peer.ctx.cu_ctx(),
+                    src.ptr,
+                    self.ctx.cu_ctx(),
+                    bytes,
+                    self.stream.cu_stream(),
+                )
+            };
+            match status {
+                cudarc::driver::sys::CUresult::CUDA_SUCCESS => Ok(()),
+                other => Err(err(format!("cuMemcpyPeerAsync: {other:?}"))),
+            }
+        };
+        copy()?;
+        self.synchronize()?;
+        let start = std::time::Instant::now();
+        for _ in 0..reps {
+            copy()?;
+        }
+        self.synchronize()?;
+        Ok(bytes as f64 * reps as f64 / start.elapsed().as_secs_f64() / 1e9)
     }
 
     /// Measures cuBLAS throughput on an `m × n × k` product in the backend's element type, in TFLOP/s.
@@ -1135,7 +1185,11 @@ fn load_kernels(ctx: &Arc<CudaContext>, arch: &str) -> Result<Arc<CudaModule>> {
         Ok(cubin) => cubin,
         Err(_) => {
             let cubin = compile_cubin(arch)?;
-            tracing::info!(arch, seconds = started.elapsed().as_secs_f64(), "compiled kernels.cu with NVRTC");
+            tracing::info!(
+                arch,
+                seconds = started.elapsed().as_secs_f64(),
+                "compiled kernels.cu with NVRTC"
+            );
             // A failed cache write only costs the next start a compile. Written aside and renamed, so that a worker
             // starting beside this one never reads half a file.
             let partial = cached.with_extension(format!("cubin.{}", std::process::id()));
@@ -1145,7 +1199,10 @@ fn load_kernels(ctx: &Arc<CudaContext>, arch: &str) -> Result<Arc<CudaModule>> {
             cubin
         }
     };
-    driver("loading the kernels", ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)))
+    driver(
+        "loading the kernels",
+        ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)),
+    )
 }
 
 /// kernels.cu compiled by NVRTC to machine code for `arch` (`sm_XY`).
@@ -1664,8 +1721,15 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn finish_peer_copies(&self) -> Result<()> {
+        let done = driver("waiting for KV copies to the peer", self.copy_stream.synchronize());
+        self.peer_copy_tables.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        done
+    }
+
     fn close_peer_kv_cache(&self, peer: PeerKvCache) {
         let _ = self.synchronize();
+        let _ = self.finish_peer_copies();
         // SAFETY: base came from cuIpcOpenMemHandle and no copy into it is pending (synchronised above).
         let _ = unsafe { cudarc::driver::sys::cuIpcCloseMemHandle(peer.base) };
     }
@@ -1685,33 +1749,42 @@ impl Backend for CudaBackend {
             )));
         }
         let peer_blocks = peer.layer_bytes / block_bytes;
+        if let Some(&(src, dst)) = blocks
+            .iter()
+            .find(|&&(src, dst)| src as usize >= cache.layout.n_blocks || dst as u64 >= peer_blocks)
+        {
+            return Err(err(format!("KV block {src} → peer block {dst} is out of range")));
+        }
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let table: Vec<u32> = blocks.iter().flat_map(|&(src, dst)| [src, dst]).collect();
+        let table = self.upload(&table)?;
         let src_layer = cache.layer_ptr(layer_idx);
         let dst_layer = peer.base + layer_idx as u64 * peer.layer_bytes;
-        // Runs of consecutive ids on both sides go as one copy.
-        let mut i = 0;
-        while i < blocks.len() {
-            let (src, dst) = blocks[i];
-            if src as usize >= cache.layout.n_blocks || dst as u64 >= peer_blocks {
-                return Err(err(format!("KV block {src} → peer block {dst} is out of range")));
-            }
-            let mut n = 1;
-            while i + n < blocks.len()
-                && blocks[i + n] == (src + n as u32, dst + n as u32)
-                && (dst as u64 + n as u64) < peer_blocks
-            {
-                n += 1;
-            }
-            // SAFETY: both ranges are inside their pools (checked above); the copy is ordered on our stream.
-            driver("copying KV blocks to the peer's GPU memory", unsafe {
-                cudarc::driver::result::memcpy_dtod_async(
-                    dst_layer + dst as u64 * block_bytes,
-                    src_layer + src as u64 * block_bytes,
-                    n * block_bytes as usize,
-                    self.stream.cu_stream(),
-                )
-            })?;
-            i += n;
-        }
+        // The copy stream waits for everything queued so far (this layer's K and V, the table), then copies while
+        // the compute stream goes on to the next layer.
+        driver(
+            "ordering the KV copy after the layer",
+            self.copy_stream.join(&self.stream),
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks.len() as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch_on(
+            &self.copy_stream,
+            "copy_kv_blocks",
+            &self.functions["copy_kv_blocks"],
+            cfg,
+            &[&dst_layer, &src_layer, &table.ptr],
+            &[Scalar::U64(block_bytes / 16)],
+        );
+        self.peer_copy_tables
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(table);
         Ok(())
     }
 }
