@@ -13,6 +13,12 @@ export CLEAVE_CACHE_DIR=${CLEAVE_CACHE_DIR:-/tmp/cleave-cache}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/gpu.txt" || true
 nvidia-smi topo -m 2>&1 | tee "$out/topo.txt" || true
 
+# 0. KV transfer bandwidth between the two GPUs: CUDA IPC copies and TCP's stages against the link (cuMemcpyPeer).
+if [ "${BACKEND:-cuda}" = cuda ]; then
+    "$bin" bench-kv-transfer --devices 0,1 --blocks 2048 > "$out/kv-transfer.json" 2> >(tee "$out/kv-transfer.txt" >&2) \
+        || echo "bench-kv-transfer FAILED"
+fi
+
 # MODEL=tiny BACKEND=cpu VOCAB=256 LENS="100 2000 3000" TTFT_LENS="2048 3000" runs the same flow on a CPU.
 model=${MODEL:-llama3-8b}
 export VOCAB=${VOCAB:-128000} LENS=${LENS:-100 2000 8192}
