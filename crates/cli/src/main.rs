@@ -135,6 +135,9 @@ struct WorkerArgs {
     /// Decode role: prompts of at least this many tokens are prefilled remotely.
     #[arg(long, default_value_t = 512)]
     remote_prefill_tokens_min: usize,
+    /// Decode role: short prompts are prefilled locally while more than this many tokens wait at the prefill worker.
+    #[arg(long, default_value_t = cleave_worker::REMOTE_QUEUE_TOKENS_MAX_DEFAULT)]
+    remote_queue_tokens_max: usize,
     /// Pin the worker to these CPU cores (comma-separated) and compute with one thread per core.
     #[arg(long, value_delimiter = ',')]
     cpus: Vec<usize>,
@@ -231,6 +234,7 @@ fn worker(args: WorkerArgs) -> Result<()> {
         listen: args.listen,
         prefill_workers: args.prefill_worker,
         remote_prefill_tokens_min: args.remote_prefill_tokens_min,
+        remote_queue_tokens_max: args.remote_queue_tokens_max,
         drain_on_stdin_eof: args.drain_on_stdin_eof,
         on_listening,
         on_drain,

@@ -42,6 +42,8 @@ pub struct DeploymentSpec {
     pub kv_cache_fraction: f64,
     /// Decode workers prefill remotely when the uncached part of a prompt has at least this many tokens.
     pub remote_prefill_tokens_min: usize,
+    /// Decode workers prefill short prompts locally while more than this many tokens wait at the prefill worker.
+    pub remote_queue_tokens_max: usize,
     pub max_in_flight: usize,
     pub router: RouterSpec,
     pub aggregated: PoolSpec,
@@ -84,6 +86,7 @@ impl Default for DeploymentSpec {
             kv_cache_mib: None,
             kv_cache_fraction: 0.85,
             remote_prefill_tokens_min: 256,
+            remote_queue_tokens_max: cleave_worker::REMOTE_QUEUE_TOKENS_MAX_DEFAULT,
             max_in_flight: FrontendConfig::default().max_in_flight,
             router: RouterSpec::default(),
             aggregated: PoolSpec::default(),
@@ -302,6 +305,7 @@ fn spawn_worker(
             "--remote-prefill-tokens-min",
             &spec.remote_prefill_tokens_min.to_string(),
         ])
+        .args(["--remote-queue-tokens-max", &spec.remote_queue_tokens_max.to_string()])
         .arg("--drain-on-stdin-eof");
     if let Some(mib) = spec.kv_cache_mib {
         command.args(["--kv-cache-mib", &mib.to_string()]);

@@ -17,9 +17,7 @@ use cleave_wire::{
 use tokio::sync::mpsc;
 
 use crate::connection::CancelledPrefills;
-use crate::{
-    Command, LOCAL_PREFILL_TOKENS_MAX, PREFILL_LINKS_MAX, REMOTE_PENDING_MAX, REMOTE_QUEUE_TOKENS_MAX, WorkerConfig,
-};
+use crate::{Command, LOCAL_PREFILL_TOKENS_MAX, PREFILL_LINKS_MAX, REMOTE_PENDING_MAX, WorkerConfig};
 
 /// Status goes out at most this often while the worker is busy (KV events wait for it), and at least this often...
 const STATUS_INTERVAL_MIN: Duration = Duration::from_millis(10);
@@ -67,6 +65,7 @@ pub(crate) struct EngineLoop<'a, B: Backend> {
     role: Role,
     hello: Hello,
     remote_prefill_tokens_min: usize,
+    remote_queue_tokens_max: usize,
     cancelled: CancelledPrefills,
     runtime: tokio::runtime::Handle,
     inbox: SyncSender<Command>,
@@ -98,6 +97,7 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
             role: config.role,
             hello,
             remote_prefill_tokens_min: config.remote_prefill_tokens_min,
+            remote_queue_tokens_max: config.remote_queue_tokens_max,
             cancelled,
             runtime,
             inbox,
@@ -358,7 +358,7 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
 
     /// Conditional disaggregation: prefill remotely only when it pays — the part of the prompt not already in this
     /// worker's prefix cache is long enough that computing it here would stall the running decodes, and the
-    /// prefill worker is not backed up: while more than `REMOTE_QUEUE_TOKENS_MAX` tokens are queued there (from
+    /// prefill worker is not backed up: while more than `remote_queue_tokens_max` tokens are queued there (from
     /// this worker), a short prompt (under `LOCAL_PREFILL_TOKENS_MAX`) is computed here, where it stalls decodes
     /// for about one step instead of waiting behind long prompts. Returns the link to
     /// use. Each decision is logged with its inputs.
@@ -378,7 +378,13 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                 .map(|p| p.tokens)
                 .sum()
         });
-        let wanted = prefill_remotely(uncached, self.remote_prefill_tokens_min, queued, self.pending.len());
+        let wanted = prefill_remotely(
+            uncached,
+            self.remote_prefill_tokens_min,
+            self.remote_queue_tokens_max,
+            queued,
+            self.pending.len(),
+        );
         let decision = if wanted && link.is_some() { "remote" } else { "local" };
         tracing::debug!(
             prompt,
@@ -652,11 +658,10 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
 
 /// The conditional-disaggregation rule for a prompt with `uncached` tokens to compute, given `queued` tokens already
 /// waiting at the chosen prefill worker and `pending` remote prefills in flight from this worker.
-fn prefill_remotely(uncached: usize, threshold: usize, queued: usize, pending: usize) -> bool {
+fn prefill_remotely(uncached: usize, threshold: usize, queue_max: usize, queued: usize, pending: usize) -> bool {
     // Only a short prompt is worth computing here when the prefill worker is busy: a long one would stall every
     // running decode for long.
-    let backed_up =
-        (queued > REMOTE_QUEUE_TOKENS_MAX && uncached < LOCAL_PREFILL_TOKENS_MAX) || pending >= REMOTE_PENDING_MAX;
+    let backed_up = (queued > queue_max && uncached < LOCAL_PREFILL_TOKENS_MAX) || pending >= REMOTE_PENDING_MAX;
     uncached >= threshold && !backed_up
 }
 
@@ -712,23 +717,19 @@ mod tests {
 
     #[test]
     fn conditional_disaggregation_rule() {
-        let threshold = 256;
+        let (threshold, queue_max) = (256, 8192);
+        let remotely = |uncached, queued, pending| prefill_remotely(uncached, threshold, queue_max, queued, pending);
         // Under the threshold: local; at or over it with an idle prefill worker: remote.
-        assert!(!prefill_remotely(255, threshold, 0, 0));
-        assert!(prefill_remotely(256, threshold, 0, 0));
+        assert!(!remotely(255, 0, 0));
+        assert!(remotely(256, 0, 0));
         // A busy prefill worker keeps short prompts here...
-        let busy = REMOTE_QUEUE_TOKENS_MAX + 1;
-        assert!(!prefill_remotely(LOCAL_PREFILL_TOKENS_MAX - 1, threshold, busy, 1));
-        assert!(prefill_remotely(
-            LOCAL_PREFILL_TOKENS_MAX - 1,
-            threshold,
-            REMOTE_QUEUE_TOKENS_MAX,
-            1
-        ));
+        let busy = queue_max + 1;
+        assert!(!remotely(LOCAL_PREFILL_TOKENS_MAX - 1, busy, 1));
+        assert!(remotely(LOCAL_PREFILL_TOKENS_MAX - 1, queue_max, 1));
         // ...but never long ones: they would stall the decodes here for long.
-        assert!(prefill_remotely(LOCAL_PREFILL_TOKENS_MAX, threshold, busy, 1));
-        assert!(prefill_remotely(32_768, threshold, 10 * busy, 3));
+        assert!(remotely(LOCAL_PREFILL_TOKENS_MAX, busy, 1));
+        assert!(remotely(32_768, 10 * busy, 3));
         // Too many remote prefills in flight: everything stays here.
-        assert!(!prefill_remotely(32_768, threshold, 0, REMOTE_PENDING_MAX));
+        assert!(!remotely(32_768, 0, REMOTE_PENDING_MAX));
     }
 }

@@ -38,9 +38,8 @@ pub const INBOX_MAX: usize = 4096;
 pub const OUTBOX_MAX: usize = 1024;
 /// Remote prefills in flight at most: beyond it the prefill pool is backed up and prompts are prefilled locally.
 pub const REMOTE_PENDING_MAX: usize = 64;
-/// Prompt tokens queued at a prefill worker (from this decode worker) beyond which it counts as backed up for short
-/// prompts: those are then prefilled locally rather than wait behind long ones.
-pub const REMOTE_QUEUE_TOKENS_MAX: usize = 8192;
+/// Default of [`WorkerConfig::remote_queue_tokens_max`].
+pub const REMOTE_QUEUE_TOKENS_MAX_DEFAULT: usize = 8192;
 /// Prompts (uncached part) below this many tokens may be prefilled locally when the prefill worker is backed up;
 /// longer ones always go remote, since prefilling them here would stall every running decode for long.
 pub const LOCAL_PREFILL_TOKENS_MAX: usize = 2048;
@@ -59,6 +58,10 @@ pub struct WorkerConfig {
     pub prefill_workers: Vec<String>,
     /// Decode role: prompts whose uncached part has at least this many tokens are prefilled remotely.
     pub remote_prefill_tokens_min: usize,
+    /// Decode role: prompt tokens queued at a prefill worker (from this decode worker) beyond which it counts as
+    /// backed up for short prompts, which are then prefilled locally rather than wait behind long ones. Higher
+    /// favours steady decode over the TTFT of short prompts.
+    pub remote_queue_tokens_max: usize,
     /// Drain when stdin closes: set by a supervisor (`cleave serve`) so workers never outlive it.
     pub drain_on_stdin_eof: bool,
     pub on_listening: Option<Hook>,

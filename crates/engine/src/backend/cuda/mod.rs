@@ -67,16 +67,31 @@ impl Drop for DeviceBuffer {
     }
 }
 
-/// A size-bucketed cache of device allocations. All work runs on one stream, so a buffer released by the host can
-/// be handed to the next user at once: the stream orders the uses.
+/// A cache of device allocations by size class. Work that uses these buffers runs on the compute stream (the KV
+/// copy stream's tables are held until it is synchronised), so a buffer released by the host can be handed to the
+/// next user at once: the stream orders the uses.
 struct Allocator {
     ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
     free: Mutex<HashMap<usize, Vec<CUdeviceptr>>>,
+}
+
+/// Sizes are rounded up to classes (powers of two up to 1 MiB, then 16 steps per power of two, at most 1/16 waste) so
+/// that steps of slightly different token counts reuse each other's buffers; exact sizes would let the cache grow
+/// with every new step shape until the GPU runs out. Allocations of 1 GiB and more (the KV pool, big embeddings)
+/// are made once and stay exact.
+fn size_class(bytes: usize) -> usize {
+    let bytes = bytes.max(256);
+    match bytes {
+        ..=0x10_0000 => bytes.next_power_of_two(),
+        0x10_0001..0x4000_0000 => bytes.next_multiple_of(bytes.next_power_of_two() / 32),
+        _ => bytes.next_multiple_of(256),
+    }
 }
 
 impl Allocator {
     fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
-        let bytes = bytes.max(16).next_multiple_of(256);
+        let bytes = size_class(bytes);
         let cached = self
             .free
             .lock()
@@ -87,16 +102,15 @@ impl Allocator {
             Some(p) => p,
             None => {
                 driver("bind context", self.ctx.bind_to_thread())?;
-                // SAFETY: a plain device allocation; freed in Allocator::drop.
-                unsafe { cudarc::driver::result::malloc_sync(bytes) }.map_err(|e| {
-                    let (free, total) = cudarc::driver::result::mem_get_info().unwrap_or((0, 0));
-                    err(format!(
-                        "cannot allocate {} MiB on the GPU ({} MiB free of {} MiB): {e}. Use a smaller model, a smaller KV cache or fewer tokens per step",
-                        bytes >> 20,
-                        free >> 20,
-                        total >> 20
-                    ))
-                })?
+                // SAFETY: a plain device allocation; freed in release_cached or Allocator::drop.
+                match unsafe { cudarc::driver::result::malloc_sync(bytes) } {
+                    Ok(p) => p,
+                    // Memory held for other sizes goes back to the driver, then one more try.
+                    Err(_) if self.release_cached() > 0 => {
+                        unsafe { cudarc::driver::result::malloc_sync(bytes) }.map_err(|e| out_of_memory(bytes, e))?
+                    }
+                    Err(e) => return Err(out_of_memory(bytes, e)),
+                }
             }
         };
         Ok(DeviceBuffer {
@@ -106,6 +120,36 @@ impl Allocator {
             recycle: true,
         })
     }
+}
+
+impl Allocator {
+    /// Frees every cached buffer (after the stream has finished with them); returns how many.
+    fn release_cached(&self) -> usize {
+        if self.stream.synchronize().is_err() {
+            return 0;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for (_, ptrs) in free.drain() {
+            for p in ptrs {
+                // SAFETY: cached pointers came from malloc_sync and nothing queued uses them (synchronised above).
+                let _ = unsafe { cudarc::driver::result::free_sync(p) };
+                n += 1;
+            }
+        }
+        tracing::debug!(buffers = n, "returned cached GPU buffers to the driver");
+        n
+    }
+}
+
+fn out_of_memory(bytes: usize, e: cudarc::driver::DriverError) -> Error {
+    let (free, total) = cudarc::driver::result::mem_get_info().unwrap_or((0, 0));
+    err(format!(
+        "cannot allocate {} MiB on the GPU ({} MiB free of {} MiB): {e}. Use a smaller model, a smaller KV cache or fewer tokens per step",
+        bytes >> 20,
+        free >> 20,
+        total >> 20
+    ))
 }
 
 impl Drop for Allocator {
@@ -434,6 +478,7 @@ impl CudaBackend {
         )? as usize;
         let allocator = Arc::new(Allocator {
             ctx: ctx.clone(),
+            stream: stream.clone(),
             free: Mutex::new(HashMap::new()),
         });
         let blas_workspace = allocator.alloc(BLAS_WORKSPACE_BYTES)?;
@@ -594,6 +639,20 @@ impl CudaBackend {
     /// transfer between the two is reported against).
     pub fn measure_peer_copy_bandwidth(&self, peer: &CudaBackend, bytes: usize, reps: usize) -> Result<f64> {
         let (src, dst) = (self.alloc(bytes)?, peer.alloc(bytes)?);
+        // Without peer access the driver stages the copy through host memory (~32 GB/s on an NV18 pair); the KV
+        // copies go GPU to GPU, and so must their ceiling.
+        driver("bind context", self.ctx.bind_to_thread())?;
+        // SAFETY: both contexts are alive; enabling twice is reported and harmless.
+        match unsafe { cudarc::driver::sys::cuCtxEnablePeerAccess(peer.ctx.cu_ctx(), 0) } {
+            cudarc::driver::sys::CUresult::CUDA_SUCCESS
+            | cudarc::driver::sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
+            other => {
+                return Err(err(format!(
+                    "enabling peer access to GPU {}: {other:?}",
+                    peer.ctx.ordinal()
+                )));
+            }
+        }
         let copy = || {
             // SAFETY: both buffers hold `bytes`; each context owns its buffer.
             let status = unsafe {
@@ -1852,5 +1911,31 @@ mod tests {
         assert_eq!(&w[9 * b..9 * b + 3], &[4, 2, 5], "seq 0 block table");
         assert_eq!(w[9 * b + 64], 9, "seq 1 table at the stride");
         assert_eq!(w[9 * b + 3 * 64], scratch, "padding table");
+    }
+
+    #[test]
+    fn size_classes_bound_waste_and_merge_nearby_sizes() {
+        for bytes in [
+            1,
+            255,
+            256,
+            4097,
+            1 << 20,
+            (1 << 20) + 1,
+            77 << 20,
+            235 << 20,
+            (1 << 30) - 1,
+            53 << 30,
+        ] {
+            let class = super::size_class(bytes);
+            assert!(class >= bytes, "{bytes} → {class}");
+            assert!(
+                bytes <= 1 << 20 || class - bytes <= bytes / 16,
+                "{bytes} → {class} wastes too much"
+            );
+        }
+        // Two steps a few tokens apart share a class; the KV pool stays exact.
+        assert_eq!(super::size_class(4096 * 510 * 2), super::size_class(4096 * 500 * 2));
+        assert_eq!(super::size_class((53 << 30) + 256), (53 << 30) + 256);
     }
 }
