@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::{AttentionShape, Backend, KvCacheExport, KvLayout, PeerKvCache, SeqSlice, StepBatch};
@@ -91,6 +91,10 @@ fn size_class(bytes: usize) -> usize {
 
 impl Allocator {
     fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
+        self.try_alloc(bytes).map_err(|e| out_of_memory(bytes, e))
+    }
+
+    fn try_alloc(self: &Arc<Self>, bytes: usize) -> std::result::Result<DeviceBuffer, DriverError> {
         let bytes = size_class(bytes);
         let cached = self
             .free
@@ -101,16 +105,9 @@ impl Allocator {
         let ptr = match cached {
             Some(p) => p,
             None => {
-                driver("bind context", self.ctx.bind_to_thread())?;
+                self.ctx.bind_to_thread()?;
                 // SAFETY: a plain device allocation; freed in release_cached or Allocator::drop.
-                match unsafe { cudarc::driver::result::malloc_sync(bytes) } {
-                    Ok(p) => p,
-                    // Memory held for other sizes goes back to the driver, then one more try.
-                    Err(_) if self.release_cached() > 0 => {
-                        unsafe { cudarc::driver::result::malloc_sync(bytes) }.map_err(|e| out_of_memory(bytes, e))?
-                    }
-                    Err(e) => return Err(out_of_memory(bytes, e)),
-                }
+                unsafe { cudarc::driver::result::malloc_sync(bytes) }?
             }
         };
         Ok(DeviceBuffer {
@@ -123,7 +120,8 @@ impl Allocator {
 }
 
 impl Allocator {
-    /// Frees every cached buffer (after the stream has finished with them); returns how many.
+    /// Frees every cached buffer (after the stream has finished with them); returns how many. The caller makes
+    /// sure no captured graph that may still be launched uses them.
     fn release_cached(&self) -> usize {
         if self.stream.synchronize().is_err() {
             return 0;
@@ -142,7 +140,7 @@ impl Allocator {
     }
 }
 
-fn out_of_memory(bytes: usize, e: cudarc::driver::DriverError) -> Error {
+fn out_of_memory(bytes: usize, e: DriverError) -> Error {
     let (free, total) = cudarc::driver::result::mem_get_info().unwrap_or((0, 0));
     err(format!(
         "cannot allocate {} MiB on the GPU ({} MiB free of {} MiB): {e}. Use a smaller model, a smaller KV cache or fewer tokens per step",
@@ -356,6 +354,8 @@ pub struct CudaBackend {
     n_sms: usize,
     /// Decode graphs by batch-size bucket; `None` when disabled (`CLEAVE_CUDA_GRAPHS=0`).
     graphs: Option<Mutex<HashMap<usize, DecodeGraph>>>,
+    /// Graphs dropped by `release_cached`, freed when the next step starts.
+    retired_graphs: Mutex<Vec<DecodeGraph>>,
     /// The KV pool's scratch block (one past the engine's) and block size, set when the pool is allocated.
     scratch_block: std::sync::atomic::AtomicU32,
     block_size: std::sync::atomic::AtomicU32,
@@ -503,6 +503,7 @@ impl CudaBackend {
             arch,
             n_sms,
             graphs,
+            retired_graphs: Mutex::new(Vec::new()),
             scratch_block: std::sync::atomic::AtomicU32::new(u32::MAX),
             block_size: std::sync::atomic::AtomicU32::new(0),
             _blas_workspace: blas_workspace,
@@ -529,7 +530,30 @@ impl CudaBackend {
     }
 
     fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
-        self.allocator.alloc(bytes)
+        match self.allocator.try_alloc(bytes) {
+            Ok(buf) => Ok(buf),
+            Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY && self.release_cached() => {
+                self.allocator.alloc(bytes)
+            }
+            Err(e) => Err(out_of_memory(bytes, e)),
+        }
+    }
+
+    /// Returns the allocator's cached buffers to the driver, so that memory held for one step shape serves another.
+    /// Captured decode graphs use cached buffers (their intermediates), so they are retired first — kept, never
+    /// launched again, until the next step starts, because the caller may still read the last replay's logits —
+    /// and captured again when next needed. Not possible in the middle of a capture or replay (returns false).
+    fn release_cached(&self) -> bool {
+        if let Some(graphs) = &self.graphs {
+            let Ok(mut graphs) = graphs.try_lock() else {
+                return false;
+            };
+            self.retired_graphs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(graphs.drain().map(|(_, g)| g));
+        }
+        self.allocator.release_cached() > 0
     }
 
     fn upload<T: Copy>(&self, host: &[T]) -> Result<DeviceBuffer> {
@@ -1427,6 +1451,7 @@ impl Backend for CudaBackend {
         forward: &mut dyn FnMut(&CudaBatch) -> Result<CudaTensor>,
     ) -> Result<CudaTensor> {
         use std::sync::atomic::Ordering;
+        self.retired_graphs.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let n = step.n_tokens();
         let scratch_block = self.scratch_block.load(Ordering::Relaxed);
         let decode = n > 0
