@@ -5,6 +5,8 @@
 //! - Every fixture: greedy tokens on the GPU equal the CPU backend's and transformers'; last-prompt logits within
 //!   1e-3 (f32 checkpoints) or 5e-2 (bf16) relative of transformers'.
 //! - Prefill attention kernels (bf16, head_dim 128) against an f64 reference on random paged inputs, then timed.
+//! - Sampling on the GPU (greedy, temperature, top-k, top-p, banned ids; bf16 and f32 logits, 128k vocabulary): the
+//!   same tokens as the host sampler on the same logits, draws distributed as the renormalised softmax, and its time.
 //! - Batch invariance on the GPU: 16 sequences alone and batched. Where a sequence's tokens differ, the top-2 logit
 //!   gap at the first divergence shows whether floating-point order explains it.
 
@@ -32,6 +34,9 @@ pub struct SelftestArgs {
     /// Write the full results as JSON here.
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// Run only the sampling checks (device against host sampler, distribution, time).
+    #[arg(long)]
+    sampling_only: bool,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -46,6 +51,22 @@ pub fn run(args: SelftestArgs) -> Result<()> {
     cleave_engine::backend::cuda::probe()?;
     let mut results = Vec::new();
     let mut failures = Vec::new();
+    if args.sampling_only {
+        for r in sampling_checks(args.device)? {
+            if r["pass"] != true {
+                failures.push(r["check"].as_str().unwrap_or("sampling").to_string());
+            }
+            results.push(r);
+        }
+        for model in ["tiny", "llama"] {
+            let r = seeded_sampling_paths(model, &mut fixture_engine(&args, model)?)?;
+            if r["pass"] != true {
+                failures.push(format!("seeded sampling paths {model}"));
+            }
+            results.push(r);
+        }
+        return finish(&results, &failures, args.json_out.as_deref());
+    }
     // Fixtures compute in f32 on the GPU, so their greedy tokens must equal the CPU backend's exactly; the
     // references (real shapes, bf16) compute in the checkpoint's precision, as served.
     let gpu_engine = |dir: &Path, precision: Option<Precision>| -> Result<Engine<CudaBackend>> {
@@ -115,6 +136,14 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         }
     }
 
+    // Sampling on the device: the same tokens as the host sampler, the right distribution, and its time.
+    for r in sampling_checks(args.device)? {
+        if r["pass"] != true {
+            failures.push(r["check"].as_str().unwrap_or("sampling").to_string());
+        }
+        results.push(r);
+    }
+
     let mut fixture_dirs: Vec<PathBuf> = std::fs::read_dir(&args.fixtures)
         .with_context(|| format!("reading fixtures from {}", args.fixtures.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -146,15 +175,7 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         }
     }
     for model in ["tiny", "llama"] {
-        let dir = args.fixtures.join(model);
-        let arg = if dir.is_dir() {
-            dir.to_string_lossy().into_owned()
-        } else {
-            model.to_string()
-        };
-        let m = resolve_model(&arg)?;
-        let backend = CudaBackend::new(args.device, &m.config)?;
-        let mut gpu = Engine::new(backend, m, EngineConfig::default())?;
+        let mut gpu = fixture_engine(&args, model)?;
         let r = batch_invariance(model, &mut gpu)?;
         if r["pass"] != true {
             failures.push(format!("batch invariance {model}"));
@@ -165,13 +186,38 @@ pub fn run(args: SelftestArgs) -> Result<()> {
             failures.push(format!("decode graph buckets {model}"));
         }
         results.push(r);
+        let r = seeded_sampling_paths(model, &mut gpu)?;
+        if r["pass"] != true {
+            failures.push(format!("seeded sampling paths {model}"));
+        }
+        results.push(r);
     }
 
+    finish(&results, &failures, args.json_out.as_deref())
+}
+
+/// An engine on the GPU for fixture `model` (its directory under `--fixtures`, else the preset of that name).
+#[cfg(feature = "cuda")]
+fn fixture_engine(args: &SelftestArgs, model: &str) -> Result<Engine<cleave_engine::backend::cuda::CudaBackend>> {
+    let dir = args.fixtures.join(model);
+    let arg = if dir.is_dir() {
+        dir.to_string_lossy().into_owned()
+    } else {
+        model.to_string()
+    };
+    let m = resolve_model(&arg)?;
+    let backend = cleave_engine::backend::cuda::CudaBackend::new(args.device, &m.config)?;
+    Ok(Engine::new(backend, m, EngineConfig::default())?)
+}
+
+/// Prints the results table, writes the JSON and fails with the failed checks' names.
+#[cfg(feature = "cuda")]
+fn finish(results: &[Value], failures: &[String], json_out: Option<&Path>) -> Result<()> {
     println!(
         "{:<44} {:>6} {:>12} {:>12} {:>10}",
         "check", "pass", "tokens", "logit_err", "note"
     );
-    for r in &results {
+    for r in results {
         println!(
             "{:<44} {:>6} {:>12} {:>12} {:>10}",
             r["check"].as_str().unwrap_or(""),
@@ -181,8 +227,8 @@ pub fn run(args: SelftestArgs) -> Result<()> {
             r["note"].as_str().unwrap_or("")
         );
     }
-    if let Some(path) = &args.json_out {
-        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+    if let Some(path) = json_out {
+        std::fs::write(path, serde_json::to_string_pretty(results)?)?;
     }
     if !failures.is_empty() {
         bail!("selftest failed: {}", failures.join(", "));
@@ -337,8 +383,8 @@ fn norm_rel_err(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Decode graphs are captured per power-of-two bucket at whatever batch first needs one: bucket 8 captured at 5
-/// sequences must still give every sequence of a later 7-sequence step its token — through device greedy and through
-/// host sampling (`min_tokens` bans EOS, so logits go to the host).
+/// sequences must still give every sequence of a later 7-sequence step its token — through device greedy, plain and
+/// with banned ids (`min_tokens` bans EOS: the sampling kernel overwrites those logits).
 fn decode_graph_buckets<B: Backend>(name: &str, engine: &mut Engine<B>) -> Result<Value> {
     let vocab = engine.model_config().vocab_size as u32;
     let prompt = |i: u32| -> Vec<u32> { (0..(5 + i)).map(|j| (j * 40_503 + i * 7) % vocab).collect() };
@@ -347,12 +393,12 @@ fn decode_graph_buckets<B: Backend>(name: &str, engine: &mut Engine<B>) -> Resul
         ignore_eos: true,
         ..Default::default()
     };
-    let host = RequestParams {
+    let banned = RequestParams {
         min_tokens: 6,
         ..greedy.clone()
     };
     let mut short = Vec::new();
-    for (label, params) in [("greedy", greedy), ("host sampling", host)] {
+    for (label, params) in [("greedy", greedy), ("greedy with banned ids", banned)] {
         for (first, n) in [(0, 5), (10, 7)] {
             let outputs = engine.generate((first..first + n).map(|i| (prompt(i), params.clone())).collect())?;
             for (i, c) in outputs.iter().enumerate() {
@@ -366,6 +412,58 @@ fn decode_graph_buckets<B: Backend>(name: &str, engine: &mut Engine<B>) -> Resul
         "check": format!("decode graph buckets {name} (5 then 7 sequences)"),
         "pass": short.is_empty(),
         "note": short.join("; "),
+    }))
+}
+
+/// Seeded sampling (temperature, top-k, top-p, EOS banned by `min_tokens`) through the engine's device path
+/// (`step`) and its host path (`step_with_logits`) on the same batch: the same logits, so the same tokens — which
+/// checks that the draw counters and banned ids reach the kernel as the host sampler sees them.
+#[cfg(feature = "cuda")]
+fn seeded_sampling_paths<B: Backend>(name: &str, engine: &mut Engine<B>) -> Result<Value> {
+    use cleave_engine::sampler::SamplingParams;
+    let vocab = engine.model_config().vocab_size as u32;
+    let prompts: Vec<Vec<u32>> = (0..4u32)
+        .map(|i| (0..(6 + 3 * i)).map(|j| (j * 7_919 + i * 13) % vocab).collect())
+        .collect();
+    let params = |seed: u64| RequestParams {
+        max_tokens: 12,
+        min_tokens: 3,
+        ignore_eos: true,
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            top_k: 40,
+            seed: Some(seed),
+        },
+        ..Default::default()
+    };
+    let device: Vec<Vec<u32>> = engine
+        .generate(
+            prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.clone(), params(i as u64)))
+                .collect(),
+        )?
+        .into_iter()
+        .map(|c| c.token_ids)
+        .collect();
+    let base = 1u64 << 50;
+    for (i, p) in prompts.iter().enumerate() {
+        engine.add_request(base + i as u64, p.clone(), params(i as u64))?;
+    }
+    let mut host = vec![Vec::new(); prompts.len()];
+    while engine.has_unfinished() {
+        for o in engine.step_with_logits()?.0 {
+            host[(o.id - base) as usize].extend(o.token_ids);
+        }
+    }
+    let same = device.iter().zip(&host).filter(|(d, h)| d == h).count();
+    Ok(json!({
+        "check": format!("seeded sampling {name}: device vs host path"),
+        "pass": same == prompts.len(),
+        "tokens": format!("{same}/{} same", prompts.len()),
+        "note": if same == prompts.len() { String::new() } else { format!("device {device:?} host {host:?}") },
     }))
 }
 
@@ -417,4 +515,273 @@ fn batch_invariance<B: Backend>(name: &str, engine: &mut Engine<B>) -> Result<Va
         "tokens": format!("{}/16 same", 16 - diverged.len()),
         "note": diverged.join("; "),
     }))
+}
+
+/// Logits rows for the sampling checks: Gaussian with a spread that varies by row (flat to peaked), a few exact ties
+/// with the top, -inf and NaN entries in some rows.
+#[cfg(feature = "cuda")]
+fn random_logit_rows(rows: usize, vocab: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    let mut uniform = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut out = Vec::with_capacity(rows * vocab);
+    for r in 0..rows {
+        let spread = [0.5, 1.5, 3.0, 6.0][r % 4];
+        let start = out.len();
+        for _ in 0..vocab {
+            let (u, v) = (uniform().max(1e-300), uniform());
+            out.push(((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos() * spread) as f32);
+        }
+        let row = &mut out[start..];
+        let top = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        if r % 3 == 0 {
+            // A strong head: a handful of tokens well above the rest.
+            for j in 0..8 {
+                row[(j * 15_013 + r * 7) % vocab] = top + 4.0 - j as f32 * 0.5;
+            }
+        }
+        if r % 5 == 1 {
+            row[(r * 31) % vocab] = top + 1.0;
+            row[(r * 31 + 4_099) % vocab] = top + 1.0; // a tie for the top
+        }
+        if r % 7 == 2 {
+            for j in 0..100 {
+                row[(j * 1_237 + r) % vocab] = f32::NEG_INFINITY;
+            }
+            row[(r * 13 + 5) % vocab] = f32::NAN;
+        }
+    }
+    out
+}
+
+/// Sampling on the device against the host's [`sample_row`] on the same logits (bf16 and f32), a distribution check
+/// of the device's draws, and the device sampling's time.
+#[cfg(feature = "cuda")]
+fn sampling_checks(device: usize) -> Result<Vec<Value>> {
+    use cleave_engine::backend::cuda::{CudaBackend, Precision};
+    use cleave_engine::sampler::{ChiSquare, SampleRow, distribution, sample_row};
+
+    const VOCAB: usize = 128_256;
+    let mut results = Vec::new();
+    // (temperature, top_k, top_p): greedy, plain temperature, top-k, top-p, both, and edge cases.
+    let mixes: [(f32, u32, f32); 12] = [
+        (0.0, 0, 1.0),
+        (1.0, 0, 1.0),
+        (0.7, 50, 1.0),
+        (1.0, 0, 0.9),
+        (0.8, 200, 0.95),
+        (1.5, 1, 1.0),
+        (1.0, 0, 0.5),
+        (0.3, 0, 1.0),
+        (2.0, 1000, 0.99),
+        (1.0, 40_000, 0.999),
+        (0.05, 0, 0.2),
+        (1.2, 5, 0.3),
+    ];
+    for precision in [Precision::BF16, Precision::F32] {
+        let backend = CudaBackend::with_precision(device, precision)?;
+        let rows = 64;
+        let logits = random_logit_rows(rows, VOCAB, 0x5a3e + rows as u64);
+        let tensor = backend.upload_tensor(&logits, rows, VOCAB)?;
+        // The host samples from exactly what the device holds (bf16 values, as f32).
+        let host = backend.to_host(&tensor)?;
+        let banned_lists: Vec<Vec<u32>> = (0..rows)
+            .map(|r| {
+                let row = &host[r * VOCAB..(r + 1) * VOCAB];
+                let top = (0..VOCAB)
+                    .filter(|&i| !row[i].is_nan())
+                    .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)));
+                match r % 4 {
+                    // The row's top token and a few others, as min_tokens bans EOS.
+                    1 => vec![top.unwrap_or(0) as u32, 128_000, 128_001, 128_009],
+                    3 => vec![(r * 101 % VOCAB) as u32],
+                    _ => Vec::new(),
+                }
+            })
+            .collect();
+        let (mut n, mut same) = (0usize, 0usize);
+        let mut differing = Vec::new();
+        for draw in 0..4u64 {
+            let params: Vec<SampleRow> = (0..rows)
+                .map(|r| {
+                    let (temperature, top_k, top_p) = mixes[(r + draw as usize) % mixes.len()];
+                    SampleRow {
+                        temperature,
+                        top_p,
+                        top_k,
+                        seed: 1_000 + r as u64,
+                        draw,
+                        banned: &banned_lists[r],
+                    }
+                })
+                .collect();
+            // Banned ids become NaN in the device's copy: upload afresh each round.
+            let tensor = backend.upload_tensor(&host, rows, VOCAB)?;
+            let on_device = backend.sample_rows(&tensor, &params)?;
+            for (r, p) in params.iter().enumerate() {
+                let on_host = sample_row(p, &host[r * VOCAB..(r + 1) * VOCAB]);
+                n += 1;
+                if on_host == on_device[r] {
+                    same += 1;
+                } else {
+                    differing.push(format!(
+                        "row {r} draw {draw} (T {} k {} p {}): host {on_host} device {}",
+                        p.temperature, p.top_k, p.top_p, on_device[r]
+                    ));
+                }
+            }
+        }
+        // Host and device compute the same integer weights with the same f32 operations: there are no
+        // floating-point ties between them, so every token must match.
+        let r = json!({
+            "check": format!("sampling {precision:?} device vs host ({rows} rows x {VOCAB})"),
+            "pass": differing.is_empty(),
+            "tokens": format!("{same}/{n} same"),
+            "differing": differing.len(),
+            "threads_per_row": backend.sample_threads(),
+            "note": differing.iter().take(8).cloned().collect::<Vec<_>>().join("; "),
+        });
+        println!("{r}");
+        results.push(r);
+    }
+
+    // Distribution: one row replicated 256 times with different seeds, many launches; the draws' frequencies
+    // against the renormalised softmax (f64) by chi-square.
+    {
+        let backend = CudaBackend::with_precision(device, Precision::F32)?;
+        let batch = 256;
+        let mut row = random_logit_rows(1, VOCAB, 77);
+        for x in row.iter_mut() {
+            *x = *x * 2.0 - 30.0; // a tail far below the head: ~1e-5 of the mass in all
+        }
+        let head = [
+            4.0f32, 3.6, 3.3, 3.3, 3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0,
+        ];
+        for (j, &x) in head.iter().enumerate() {
+            row[j * 9_161 + 3] = x;
+        }
+        let tensor = backend.upload_tensor(&row.repeat(batch), batch, VOCAB)?;
+        let mut all_pass = true;
+        let mut notes = Vec::new();
+        for (temperature, top_k, top_p) in [(1.0f32, 0u32, 1.0f32), (0.7, 5, 1.0), (1.2, 0, 0.8), (1.0, 8, 0.9)] {
+            let launches = 64;
+            let mut counts = vec![0u64; VOCAB];
+            for l in 0..launches {
+                let params: Vec<SampleRow> = (0..batch)
+                    .map(|i| SampleRow {
+                        temperature,
+                        top_p,
+                        top_k,
+                        seed: 0xd157 + (l * batch + i) as u64,
+                        draw: (i % 3) as u64,
+                        banned: &[],
+                    })
+                    .collect();
+                for t in backend.sample_rows(&tensor, &params)? {
+                    counts[t as usize] += 1;
+                }
+            }
+            let spec = SampleRow {
+                temperature,
+                top_p,
+                top_k,
+                seed: 0,
+                draw: 0,
+                banned: &[],
+            };
+            let chi = ChiSquare::new(&counts, &distribution(&row, &spec));
+            all_pass &= chi.passes();
+            notes.push(format!(
+                "T {temperature} k {top_k} p {top_p}: chi2 {:.1} df {} bound {:.1} impossible {}",
+                chi.statistic,
+                chi.df,
+                chi.bound(),
+                chi.impossible
+            ));
+        }
+        let r = json!({
+            "check": format!("sampling distribution on the device ({} draws per case)", 64 * batch),
+            "pass": all_pass,
+            "note": notes.join("; "),
+        });
+        println!("{r}");
+        results.push(r);
+    }
+
+    // Time of one device sampling call (parameters up, kernel, ids down) by batch and parameters, and of the host
+    // path it replaces (logits down as f32, then the host sampler) at batch 64.
+    {
+        let mut timings = Vec::new();
+        let mut notes = Vec::new();
+        for precision in [Precision::BF16, Precision::F32] {
+            let backend = CudaBackend::with_precision(device, precision)?;
+            let logits = random_logit_rows(256, VOCAB, 99);
+            let tensor = backend.upload_tensor(&logits, 256, VOCAB)?;
+            for batch in [1usize, 64, 256] {
+                for (label, temperature, top_k, top_p) in [
+                    ("greedy", 0.0f32, 0u32, 1.0f32),
+                    ("T=1", 1.0, 0, 1.0),
+                    ("top_k=50", 0.8, 50, 1.0),
+                    ("top_p=0.9", 1.0, 0, 0.9),
+                    ("k=50,p=0.9", 0.8, 50, 0.9),
+                ] {
+                    let params: Vec<SampleRow> = (0..batch)
+                        .map(|i| SampleRow {
+                            temperature,
+                            top_p,
+                            top_k,
+                            seed: i as u64,
+                            draw: 0,
+                            banned: &[],
+                        })
+                        .collect();
+                    backend.sample_rows(&tensor, &params)?;
+                    let reps = 20;
+                    let started = std::time::Instant::now();
+                    for _ in 0..reps {
+                        backend.sample_rows(&tensor, &params)?;
+                    }
+                    let ms = started.elapsed().as_secs_f64() * 1e3 / reps as f64;
+                    timings.push(json!({"dtype": format!("{precision:?}"), "batch": batch, "params": label, "ms": ms}));
+                    if precision == Precision::BF16 {
+                        notes.push(format!("b{batch} {label} {ms:.3}ms"));
+                    }
+                }
+            }
+            if precision == Precision::BF16 {
+                let params: Vec<SampleRow> = (0..64)
+                    .map(|i| SampleRow {
+                        temperature: 1.0,
+                        top_p: 0.9,
+                        top_k: 0,
+                        seed: i as u64,
+                        draw: 0,
+                        banned: &[],
+                    })
+                    .collect();
+                let started = std::time::Instant::now();
+                let host = backend.to_host(&tensor)?;
+                for (r, p) in params.iter().enumerate() {
+                    sample_row(p, &host[r * VOCAB..(r + 1) * VOCAB]);
+                }
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                timings.push(json!({"dtype": "BF16", "batch": 64, "params": "top_p=0.9 on the host", "ms": ms}));
+                notes.push(format!("host path b64 top_p=0.9 {ms:.1}ms"));
+            }
+        }
+        let r = json!({
+            "check": format!("sampling time ({VOCAB} vocab)"),
+            "pass": true,
+            "timings": timings,
+            "note": notes.join(", "),
+        });
+        println!("{r}");
+        results.push(r);
+    }
+    Ok(results)
 }

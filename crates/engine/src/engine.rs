@@ -112,11 +112,24 @@ pub struct Completion {
     pub n_cached_tokens: usize,
 }
 
+impl Request {
+    /// Ids this request may not produce now: EOS and stop tokens until `min_tokens`.
+    fn banned(&self) -> &[u32] {
+        if self.n_generated < self.params.min_tokens {
+            &self.banned_early
+        } else {
+            &[]
+        }
+    }
+}
+
 struct Request {
     params: RequestParams,
     n_prompt: usize,
     n_generated: usize,
     sampler: Sampler,
+    /// EOS and stop token ids: banned until `min_tokens` are generated.
+    banned_early: Vec<u32>,
     decoder: IncrementalDecoder,
     stops: StopStrings,
 }
@@ -316,10 +329,12 @@ impl<B: Backend> Engine<B> {
             .next_seed
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
+        let eos = &self.model.config.eos_token_ids;
         let request = Request {
             n_prompt,
             n_generated: 0,
             sampler: Sampler::new(params.sampling.clone(), self.next_seed),
+            banned_early: eos.iter().chain(&params.stop_token_ids).copied().collect(),
             decoder: IncrementalDecoder::default(),
             stops: StopStrings::new(params.stop.clone()),
             params,
@@ -383,24 +398,47 @@ impl<B: Backend> Engine<B> {
         let logits = self.model.forward(&self.backend, &mut self.cache, &step)?;
         self.scheduler.complete(&scheduled, &mut self.pool);
 
-        // When every row is plain greedy, a backend that can pick tokens on the device sends only ids to the host.
-        let all_greedy = sampling_seqs.iter().all(|id| {
-            let r = &self.requests[id];
-            r.params.sampling.temperature == 0.0 && r.n_generated >= r.params.min_tokens
-        });
-        let device_tokens = match (want_logits, all_greedy) {
-            (false, true) => self.backend.greedy_tokens(&logits).transpose()?,
-            _ => None,
+        // A backend that samples on the device sends only token ids to the host; the host samples otherwise, and when
+        // the caller wants the logits.
+        let mut logits = logits;
+        let device_tokens = if want_logits {
+            None
+        } else {
+            let rows: Vec<_> = sampling_seqs
+                .iter()
+                .map(|id| {
+                    let r = &self.requests[id];
+                    r.sampler.row(r.banned())
+                })
+                .collect();
+            self.backend.sample_tokens(&mut logits, &rows).transpose()?
         };
         let (tokens, host_logits) = match device_tokens {
-            Some(tokens) => (tokens, Vec::new()),
+            Some(tokens) => {
+                for id in &sampling_seqs {
+                    self.requests
+                        .get_mut(id)
+                        .expect("sampling request exists")
+                        .sampler
+                        .advance();
+                }
+                (tokens, Vec::new())
+            }
             None => {
                 let host = self.backend.to_host(&logits)?;
                 let vocab = self.model.config.vocab_size;
                 let tokens = sampling_seqs
                     .iter()
                     .enumerate()
-                    .map(|(row, id)| self.sample(*id, &host[row * vocab..(row + 1) * vocab]))
+                    .map(|(row, id)| {
+                        let r = self.requests.get_mut(id).expect("sampling request exists");
+                        let banned: &[u32] = if r.n_generated < r.params.min_tokens {
+                            &r.banned_early
+                        } else {
+                            &[]
+                        };
+                        r.sampler.sample(&host[row * vocab..(row + 1) * vocab], banned)
+                    })
                     .collect();
                 (tokens, host)
             }
@@ -415,18 +453,6 @@ impl<B: Backend> Engine<B> {
             outputs.push(output);
         }
         Ok((outputs, host_logits))
-    }
-
-    /// Samples request `id`'s next token; EOS and stop tokens are banned until `min_tokens`.
-    fn sample(&mut self, id: SeqId, logits: &[f32]) -> u32 {
-        let eos = &self.model.config.eos_token_ids;
-        let request = self.requests.get_mut(&id).expect("sampling request exists");
-        let banned: Vec<u32> = if request.n_generated < request.params.min_tokens {
-            eos.iter().chain(&request.params.stop_token_ids).copied().collect()
-        } else {
-            Vec::new()
-        };
-        request.sampler.sample(logits, &banned)
     }
 
     /// Runs requests to completion (for the CLI, tests and benchmarks).

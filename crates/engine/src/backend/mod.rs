@@ -12,6 +12,7 @@ pub mod cuda;
 
 use crate::error::Result;
 use crate::rope::Rope;
+use crate::sampler::SampleRow;
 use crate::weights::HostTensor;
 
 /// A KV cache as exported for peer processes on the same host (CUDA IPC): the handle of its one allocation and the
@@ -185,9 +186,10 @@ pub trait Backend: Send + Sync {
         forward(&self.batch(step)?)
     }
 
-    /// Greedy token ids of each row of `logits`, picked where the logits live so that only ids cross to the host.
-    /// `None` where the backend has no such path (the engine then samples on the host).
-    fn greedy_tokens(&self, _logits: &Self::Tensor) -> Option<Result<Vec<u32>>> {
+    /// Samples row `i` of `logits` as `rows[i]` asks ([`crate::sampler`] defines the algorithm), where the logits
+    /// live, so that only token ids cross to the host. May overwrite the logits (banned ids). `None` where the
+    /// backend has no such path (the engine then samples on the host with [`crate::sampler::Sampler`]).
+    fn sample_tokens(&self, _logits: &mut Self::Tensor, _rows: &[SampleRow]) -> Option<Result<Vec<u32>>> {
         None
     }
 

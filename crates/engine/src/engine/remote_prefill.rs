@@ -289,8 +289,7 @@ impl<B: Backend> Engine<B> {
             .forward_streaming(backend, &mut self.cache, &step, &mut |layer_idx, cache| {
                 per_layer(backend, cache, layer_idx, blocks)
             })?;
-        let logits = self.backend.to_host(&logits)?;
-        let vocab = self.model.config.vocab_size;
+        let mut logits = logits;
         let banned: Vec<u32> = if params.min_tokens > 0 {
             self.model
                 .config
@@ -306,6 +305,13 @@ impl<B: Backend> Engine<B> {
             .next_seed
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
-        Ok(Sampler::new(params.sampling.clone(), self.next_seed).sample(&logits[..vocab], &banned))
+        // The first draw of the request's sampler: on the device where the backend can, else on the host.
+        let mut sampler = Sampler::new(params.sampling.clone(), self.next_seed);
+        if let Some(tokens) = self.backend.sample_tokens(&mut logits, &[sampler.row(&banned)]) {
+            return Ok(tokens?[0]);
+        }
+        let vocab = self.model.config.vocab_size;
+        let logits = self.backend.to_host(&logits)?;
+        Ok(sampler.sample(&logits[..vocab], &banned))
     }
 }

@@ -780,30 +780,389 @@ INSTANTIATE_FA2(flash2q_prefill, 2, true)
 INSTANTIATE_FA2(flash2q_prefill, 4, true)
 INSTANTIATE_FA2(flash2q_prefill, 8, true)
 
-// Greedy sampling on the device: argmax of each logits row (lowest id wins ties).  grid: rows, block: 1024
-extern "C" __global__ void argmax_f32(u32* out, const float* logits, u32 vocab) {
-    const float* row = logits + (u64)blockIdx.x * vocab;
-    float best = NEG_INF;
-    u32 best_i = 0xffffffffu;
-    for (u32 i = threadIdx.x; i < vocab; i += blockDim.x) {
-        float v = row[i];
-        if (v > best || (v == best && i < best_i)) { best = v; best_i = i; }
+// ---- Sampling on the device ----
+// The algorithm of crates/engine/src/sampler.rs (read its module docs first), step for step and with the same
+// rounding: every float operation is an explicit round-to-nearest intrinsic, so nothing is contracted into an FMA and
+// the host's and the device's weights are equal bit for bit; sums of weights are integers, so no order matters.
+// One block per row (256, 512 or 1024 threads), dynamic shared memory: SAMPLE_SMEM_PER_THREAD bytes per thread.
+
+struct SampleParams {
+    u64 word;  // draw_word(seed, draw)
+    float temperature;
+    float top_p;
+    u32 top_k;
+    u32 banned_start;  // the row's banned ids: banned[banned_start .. banned_start + banned_len]
+    u32 banned_len;
+    u32 pad;
+};
+
+#define SAMPLE_BINS 16
+#define SAMPLE_BINS_LOG2 4
+#define SAMPLE_SMEM_PER_THREAD (SAMPLE_BINS * 12)
+#define FULL_MASK 0xffffffffu
+
+__device__ __forceinline__ u32 float_key(float x) {
+    u32 b = __float_as_uint(x);
+    return (b >> 31) ? ~b : (b | 0x80000000u);
+}
+
+// e^a for -80 <= a <= 0: sampler.rs's exp_neg, operation for operation.
+__device__ __forceinline__ float exp_neg(float a) {
+    const float k = rintf(__fmul_rn(a, __uint_as_float(0x3fb8aa3bu)));
+    const float r = __fsub_rn(__fsub_rn(a, __fmul_rn(k, __uint_as_float(0x3f318000u))),
+                              __fmul_rn(k, __uint_as_float(0xb95e8083u)));
+    const u32 c[8] = {0x39500d01u, 0x3ab60b61u, 0x3c088889u, 0x3d2aaaabu,
+                      0x3e2aaaabu, 0x3f000000u, 0x3f800000u, 0x3f800000u};
+    float p = __uint_as_float(c[0]);
+#pragma unroll
+    for (int i = 1; i < 8; i++) p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(c[i]));
+    return __fmul_rn(p, __uint_as_float((u32)(127 + (int)k) << 23));
+}
+
+// trunc(e^((x - m) / T) * 2^s): sampler.rs's token_weight.
+__device__ __forceinline__ u64 token_weight(float x, float m, float inv_t, float scale) {
+    const float a = __fmul_rn(__fsub_rn(x, m), inv_t);
+    if (!(a >= -80.f)) return 0;
+    return __float2ull_rz(__fmul_rn(exp_neg(a), scale));
+}
+
+template <typename T> __device__ __forceinline__ T nan_value();
+template <> __device__ __forceinline__ float nan_value<float>() { return __int_as_float(0x7fc00000); }
+template <> __device__ __forceinline__ __nv_bfloat16 nan_value<__nv_bfloat16>() { return __ushort_as_bfloat16(0x7fc0); }
+
+struct SampleShared {
+    u64 bin_sum[SAMPLE_BINS];
+    u32 bin_cnt[SAMPLE_BINS];
+    u64 part[32];
+    u32 part_cnt[32];
+    float best_v[32];
+    u32 best_i[32];
+    double target;
+    u64 above;
+    u64 r;
+    u32 prefix, bits, state, result, n_gathered, begin, end, token;
+};
+
+__device__ __forceinline__ bool argmax_better(float v, u32 i, float best, u32 best_i) {
+    return v > best || (v == best && i < best_i);
+}
+
+// The largest key v >= lo such that the allowed tokens with key >= v weigh (WEIGHTED) or number (else) at least the
+// target: `target_or_p` itself, or (WEIGHTED) top_p times the weight of all allowed tokens with key >= lo. A radix
+// descent over the key, SAMPLE_BINS bins per pass (each thread counts into its own column of bins: no atomics), until
+// the bin that holds the answer has at most one token per thread; those are gathered, sorted and scanned. Counting
+// mode keeps only the u32 counts (half the shared-memory traffic).
+template <typename T, bool WEIGHTED>
+__device__ u32 sample_select(const T* row, u32 vocab, u32 lo, float m, float inv_t, float scale, double target_or_p,
+                             SampleShared& sh, u64* bins, u32* cnts) {
+    const u32 tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
+    if (tid == 0) {
+        sh.prefix = 0;
+        sh.bits = 0;
+        sh.above = 0;
+        sh.target = WEIGHTED ? -1.0 : target_or_p;
+        sh.state = 0;
     }
-    __shared__ float sv[1024];
-    __shared__ u32 si[1024];
-    sv[threadIdx.x] = best;
-    si[threadIdx.x] = best_i;
     __syncthreads();
-    for (u32 s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) {
-            float v = sv[threadIdx.x + s];
-            u32 i = si[threadIdx.x + s];
-            if (v > sv[threadIdx.x] || (v == sv[threadIdx.x] && i < si[threadIdx.x])) { sv[threadIdx.x] = v; si[threadIdx.x] = i; }
+    while (true) {
+        const u32 bits = sh.bits, prefix = sh.prefix, state = sh.state;
+        if (state == 2) break;
+        if (state == 0) {
+            const u32 digit_shift = 32 - SAMPLE_BINS_LOG2 - bits;
+#pragma unroll
+            for (int b = 0; b < SAMPLE_BINS; b++) {
+                if (WEIGHTED) bins[b * nt + tid] = 0;
+                cnts[b * nt + tid] = 0;
+            }
+            for (u32 i = tid; i < vocab; i += nt) {
+                const float x = to_f32(row[i]);
+                if (x != x) continue;
+                const u32 key = float_key(x);
+                if (key < lo || (bits > 0 && (key >> (32 - bits)) != prefix)) continue;
+                const u32 b = (key >> digit_shift) & (SAMPLE_BINS - 1);
+                if (WEIGHTED) {
+                    // Tokens of weight 0 change no sum and cannot hold the answer: not even counted.
+                    const u64 w = token_weight(x, m, inv_t, scale);
+                    if (w == 0) continue;
+                    bins[b * nt + tid] += w;
+                }
+                cnts[b * nt + tid] += 1;
+            }
+            __syncthreads();
+            // Bin b's column is summed by the nt / SAMPLE_BINS threads b * group .. (b + 1) * group - 1.
+            const u32 group = nt / SAMPLE_BINS, b = tid / group, c = tid % group;
+            u64 s = 0;
+            u32 n = 0;
+            for (u32 j = 0; j < SAMPLE_BINS; j++) {
+                if (WEIGHTED) s += bins[b * nt + c + group * j];
+                n += cnts[b * nt + c + group * j];
+            }
+            if (!WEIGHTED) s = n;
+            for (u32 o = min(group, 32u) / 2; o > 0; o >>= 1) {
+                s += __shfl_xor_sync(FULL_MASK, s, o);
+                n += __shfl_xor_sync(FULL_MASK, n, o);
+            }
+            if (group <= 32) {
+                if (c == 0) {
+                    sh.bin_sum[b] = s;
+                    sh.bin_cnt[b] = n;
+                }
+            } else {
+                if (lane == 0) {
+                    sh.part[warp] = s;
+                    sh.part_cnt[warp] = n;
+                }
+                __syncthreads();
+                if (tid < SAMPLE_BINS) {
+                    const u32 per = group / 32;
+                    u64 t = 0;
+                    u32 tn = 0;
+                    for (u32 w = 0; w < per; w++) {
+                        t += sh.part[tid * per + w];
+                        tn += sh.part_cnt[tid * per + w];
+                    }
+                    sh.bin_sum[tid] = t;
+                    sh.bin_cnt[tid] = tn;
+                }
+            }
+            __syncthreads();
+            if (tid == 0) {
+                if (sh.target < 0.0) {
+                    u64 total = 0;
+                    for (int j = 0; j < SAMPLE_BINS; j++) total += sh.bin_sum[j];
+                    sh.target = __dmul_rn(target_or_p, __ull2double_rn(total));
+                }
+                u64 cum = sh.above;
+                int pick = SAMPLE_BINS - 1;
+                for (; pick > 0; pick--) {
+                    if (__ull2double_rn(cum + sh.bin_sum[pick]) >= sh.target) break;
+                    cum += sh.bin_sum[pick];
+                }
+                sh.above = cum;
+                sh.prefix = (prefix << SAMPLE_BINS_LOG2) | (u32)pick;
+                sh.bits = bits + SAMPLE_BINS_LOG2;
+                if (bits + SAMPLE_BINS_LOG2 == 32) {
+                    sh.result = sh.prefix;
+                    sh.state = 2;
+                } else if (sh.bin_cnt[pick] <= nt) {
+                    sh.state = 1;
+                }
+                sh.n_gathered = 0;
+            }
+            __syncthreads();
+        } else {
+            // Gather the bin's tokens (at most nt), sort them by key, largest first, and find the first whose running
+            // weight (plus everything above the bin) reaches the target. Equal keys are equal logits and weights, so
+            // the order the gather happened to take does not change the answer.
+            u64* gw = bins;
+            u32* gkey = reinterpret_cast<u32*>(bins + nt);
+            gw[tid] = 0;
+            gkey[tid] = 0;
+            __syncthreads();
+            for (u32 i = tid; i < vocab; i += nt) {
+                const float x = to_f32(row[i]);
+                if (x != x) continue;
+                const u32 key = float_key(x);
+                if (key < lo || (key >> (32 - bits)) != prefix) continue;
+                const u64 w = WEIGHTED ? token_weight(x, m, inv_t, scale) : 1ull;
+                if (w == 0) continue;
+                const u32 at = atomicAdd(&sh.n_gathered, 1u);
+                gkey[at] = key;
+                gw[at] = w;
+            }
+            __syncthreads();
+            for (u32 k = 2; k <= nt; k <<= 1) {
+                for (u32 j = k >> 1; j > 0; j >>= 1) {
+                    const u32 other = tid ^ j;
+                    if (other > tid) {
+                        const u32 a = gkey[tid], bk = gkey[other];
+                        if ((tid & k) == 0 ? a < bk : a > bk) {
+                            gkey[tid] = bk;
+                            gkey[other] = a;
+                            const u64 t = gw[tid];
+                            gw[tid] = gw[other];
+                            gw[other] = t;
+                        }
+                    }
+                    __syncthreads();
+                }
+            }
+            // Inclusive scan of the weights.
+            u64 v = gw[tid];
+            for (u32 o = 1; o < 32; o <<= 1) {
+                const u64 up = __shfl_up_sync(FULL_MASK, v, o);
+                if (lane >= o) v += up;
+            }
+            if (lane == 31) sh.part[warp] = v;
+            __syncthreads();
+            if (warp == 0) {
+                u64 w = lane < nw ? sh.part[lane] : 0;
+                for (u32 o = 1; o < 32; o <<= 1) {
+                    const u64 up = __shfl_up_sync(FULL_MASK, w, o);
+                    if (lane >= o) w += up;
+                }
+                sh.part[lane] = w;
+            }
+            __syncthreads();
+            if (warp > 0) v += sh.part[warp - 1];
+            const u64 at = sh.above + v, before = at - gw[tid];
+            if (__ull2double_rn(at) >= sh.target && !(__ull2double_rn(before) >= sh.target)) sh.result = gkey[tid];
+            __syncthreads();
+            if (tid == 0) sh.state = 2;
+            __syncthreads();
+        }
+    }
+    const u32 result = sh.result;
+    __syncthreads();
+    return result;
+}
+
+// Weight of token i in the kept set (allowed, key >= threshold), else 0.
+template <typename T>
+__device__ __forceinline__ u64 kept_weight(const T* row, u32 i, u32 threshold, float m, float inv_t, float scale) {
+    const float x = to_f32(row[i]);
+    if (x != x || float_key(x) < threshold) return 0;
+    return token_weight(x, m, inv_t, scale);
+}
+
+// Samples row blockIdx.x of `logits` ((rows, vocab), overwritten with NaN at the row's banned ids) into out[row].
+//   grid: rows, block: 256 / 512 / 1024, dynamic shared memory: blockDim.x * SAMPLE_SMEM_PER_THREAD
+template <typename T>
+__device__ void sample_rows(u32* out, T* logits, const SampleParams* params, const u32* banned, u32 vocab, u32 shift) {
+    extern __shared__ __align__(16) unsigned char sample_smem[];
+    __shared__ SampleShared sh;
+    const u32 tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
+    u64* bins = reinterpret_cast<u64*>(sample_smem);
+    u32* cnts = reinterpret_cast<u32*>(bins + SAMPLE_BINS * nt);
+    T* row = logits + (u64)blockIdx.x * vocab;
+    const SampleParams p = params[blockIdx.x];
+    for (u32 j = tid; j < p.banned_len; j += nt) {
+        const u32 id = banned[p.banned_start + j];
+        if (id < vocab) row[id] = nan_value<T>();
+    }
+    __syncthreads();
+
+    // 1. Greedy: the largest allowed logit, the lowest id on a tie; and the number of allowed tokens.
+    float best = NEG_INF;
+    u32 best_i = 0xffffffffu, n_allowed = 0;
+    for (u32 i = tid; i < vocab; i += nt) {
+        const float x = to_f32(row[i]);
+        if (x != x) continue;
+        n_allowed++;
+        if (argmax_better(x, i, best, best_i)) {
+            best = x;
+            best_i = i;
+        }
+    }
+    for (u32 o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_xor_sync(FULL_MASK, best, o);
+        const u32 i = __shfl_xor_sync(FULL_MASK, best_i, o);
+        if (argmax_better(v, i, best, best_i)) {
+            best = v;
+            best_i = i;
+        }
+        n_allowed += __shfl_xor_sync(FULL_MASK, n_allowed, o);
+    }
+    if (lane == 0) {
+        sh.best_v[warp] = best;
+        sh.best_i[warp] = best_i;
+        sh.part_cnt[warp] = n_allowed;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        float b = NEG_INF;
+        u32 bi = 0xffffffffu, n = 0;
+        for (u32 w = 0; w < nw; w++) {
+            if (argmax_better(sh.best_v[w], sh.best_i[w], b, bi)) {
+                b = sh.best_v[w];
+                bi = sh.best_i[w];
+            }
+            n += sh.part_cnt[w];
+        }
+        sh.token = bi;
+        sh.n_gathered = n;
+    }
+    __syncthreads();
+    best_i = sh.token;
+    n_allowed = sh.n_gathered;
+    __syncthreads();
+    if (best_i == 0xffffffffu) {
+        if (tid == 0) out[blockIdx.x] = 0;
+        return;
+    }
+    const float m = to_f32(row[best_i]);
+    const float inv_t = __fdiv_rn(1.f, p.temperature);
+    if (!(p.temperature > 0.f) || !isfinite(inv_t) || !isfinite(m)) {
+        if (tid == 0) out[blockIdx.x] = best_i;
+        return;
+    }
+    const float scale = __uint_as_float((127u + shift) << 23);
+
+    // 2. Top-k, then top-p: the kept set is the allowed tokens with key >= threshold.
+    u32 threshold = 0;
+    if (p.top_k > 0 && p.top_k < n_allowed)
+        threshold = sample_select<T, false>(row, vocab, 0, m, inv_t, scale, (double)p.top_k, sh, bins, cnts);
+    if (p.top_p < 1.f)
+        threshold = sample_select<T, true>(row, vocab, threshold, m, inv_t, scale, (double)p.top_p, sh, bins, cnts);
+
+    // 3. The draw: r = (word * W) >> 64, then the first kept id whose running weight exceeds r. Narrowed level by
+    // level: each warp sums a contiguous range, the range holding r is split again, down to 32 ids, which one warp
+    // scans.
+    u32 begin = 0, end = vocab;
+    u64 r = 0;
+    bool first = true;
+    while (end - begin > 32) {
+        const u32 sub = ((end - begin + nw - 1) / nw + 31) & ~31u;
+        const u32 wb = begin + warp * sub, we = min(end, wb + sub);
+        u64 s = 0;
+        for (u32 i = wb + lane; i < we; i += 32) s += kept_weight(row, i, threshold, m, inv_t, scale);
+        for (u32 o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+        if (lane == 0) sh.part[warp] = s;
+        __syncthreads();
+        if (tid == 0) {
+            u64 rr = r;
+            if (first) {
+                u64 total = 0;
+                for (u32 w = 0; w < nw; w++) total += sh.part[w];
+                rr = __umul64hi(p.word, total);
+            }
+            u64 cum = 0;
+            u32 w = 0;
+            while (w + 1 < nw && cum + sh.part[w] <= rr) cum += sh.part[w++];
+            sh.r = rr - cum;
+            sh.begin = begin + w * sub;
+            sh.end = min(end, begin + (w + 1) * sub);
         }
         __syncthreads();
+        r = sh.r;
+        begin = sh.begin;
+        end = sh.end;
+        first = false;
+        __syncthreads();
     }
-    if (threadIdx.x == 0) out[blockIdx.x] = si[0];
+    if (warp == 0) {
+        if (first) {  // a row of at most 32 tokens
+            u64 s = begin + lane < end ? kept_weight(row, begin + lane, threshold, m, inv_t, scale) : 0;
+            for (u32 o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+            r = __umul64hi(p.word, s);
+        }
+        u64 v = begin + lane < end ? kept_weight(row, begin + lane, threshold, m, inv_t, scale) : 0;
+        for (u32 o = 1; o < 32; o <<= 1) {
+            const u64 up = __shfl_up_sync(FULL_MASK, v, o);
+            if (lane >= o) v += up;
+        }
+        const u32 hit = __ballot_sync(FULL_MASK, v > r);
+        if (lane == 0) out[blockIdx.x] = hit ? begin + __ffs(hit) - 1 : best_i;
+    }
 }
+
+#define INSTANTIATE_SAMPLE(SUFFIX, T)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(1024) sample_##SUFFIX(u32* out, T* logits, const SampleParams* params, \
+                                                                       const u32* banned, u32 vocab, u32 shift) {    \
+        sample_rows<T>(out, logits, params, banned, vocab, shift);                                                    \
+    }
+INSTANTIATE_SAMPLE(f32, float)
+INSTANTIATE_SAMPLE(bf16, __nv_bfloat16)
 
 // Copies whole KV blocks of one layer into another pool (a peer GPU's, mapped through CUDA IPC): block pairs[2k] of
 // the source goes to block pairs[2k + 1] of the destination, one thread block per pair, in 16-byte words. One launch

@@ -21,6 +21,7 @@ use super::{AttentionShape, Backend, KvCacheExport, KvLayout, PeerKvCache, SeqSl
 use crate::config::{DType, ModelConfig};
 use crate::error::{Error, Result};
 use crate::rope::Rope;
+use crate::sampler::SampleRow;
 use crate::weights::{HostData, HostTensor};
 
 const KERNELS_CU: &str = include_str!("kernels.cu");
@@ -205,6 +206,13 @@ impl CudaKvCache {
     }
 }
 
+/// The sampling kernels (`sample_rows` in kernels.cu), by element type of the logits.
+const SAMPLE_KERNELS: [&str; 2] = ["sample_f32", "sample_bf16"];
+/// Dynamic shared memory of the sampling kernel per thread (`SAMPLE_SMEM_PER_THREAD` in kernels.cu), and a bound on
+/// its static shared memory.
+const SAMPLE_SMEM_PER_THREAD: usize = 16 * 12;
+const SAMPLE_STATIC_SMEM: usize = 2048;
+
 /// Context tokens one block of the decode attention kernel walks at most (see `attention`).
 const ATTENTION_SPLIT_TOKENS: usize = 1024;
 
@@ -352,6 +360,8 @@ pub struct CudaBackend {
     device_name: String,
     arch: String,
     n_sms: usize,
+    /// Threads per block of the sampling kernel (one block per row).
+    sample_threads: u32,
     /// Decode graphs by batch-size bucket; `None` when disabled (`CLEAVE_CUDA_GRAPHS=0`).
     graphs: Option<Mutex<HashMap<usize, DecodeGraph>>>,
     /// Graphs dropped by `release_cached`, freed when the next step starts.
@@ -446,7 +456,8 @@ impl CudaBackend {
             .iter()
             .map(|n| format!("{n}_{}", elem.suffix()))
             .chain((1..=8).map(|g| format!("attention_gqa{g}_{}", elem.suffix())))
-            .chain(["argmax_f32", "copy_u128", "copy_kv_blocks", "flash_prefill_bf16"].map(String::from))
+            .chain(SAMPLE_KERNELS.map(String::from))
+            .chain(["copy_u128", "copy_kv_blocks", "flash_prefill_bf16"].map(String::from))
             .chain(FA2_HEADS_PER_BLOCK.map(flash2_name))
             .chain(FA2_HEADS_PER_BLOCK.map(flash2q_name));
         for name in names {
@@ -476,6 +487,30 @@ impl CudaBackend {
             "reading the SM count",
             ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
         )? as usize;
+        // The sampling kernel keeps SAMPLE_SMEM_PER_THREAD bytes of bins per thread: as many threads as fit.
+        let smem_optin = driver(
+            "reading the shared memory limit",
+            ctx.attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            ),
+        )? as usize;
+        let sample_threads = [1024, 512, 256]
+            .into_iter()
+            .find(|t| t * SAMPLE_SMEM_PER_THREAD + SAMPLE_STATIC_SMEM <= smem_optin)
+            .ok_or_else(|| {
+                err(format!(
+                    "{smem_optin} bytes of shared memory per block are too few to sample"
+                ))
+            })?;
+        for name in SAMPLE_KERNELS {
+            driver(
+                &format!("allowing {name} its shared memory"),
+                functions[name].set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    (sample_threads * SAMPLE_SMEM_PER_THREAD) as i32,
+                ),
+            )?;
+        }
         let allocator = Arc::new(Allocator {
             ctx: ctx.clone(),
             stream: stream.clone(),
@@ -502,6 +537,7 @@ impl CudaBackend {
             device_name,
             arch,
             n_sms,
+            sample_threads: sample_threads as u32,
             graphs,
             retired_graphs: Mutex::new(Vec::new()),
             scratch_block: std::sync::atomic::AtomicU32::new(u32::MAX),
@@ -626,17 +662,81 @@ impl CudaBackend {
         }
     }
 
-    /// Greedy tokens for each row of f32 logits, computed on the device (only ids cross to the host).
-    pub fn argmax_rows(&self, logits: &DeviceBuffer, rows: usize, vocab: usize) -> Result<Vec<u32>> {
-        let out = self.alloc(rows * 4)?;
+    /// Samples row `i` of `logits` as `rows[i]` asks (see [`crate::sampler`]), on the device: the parameters go up,
+    /// the token ids come back. Overwrites the logits of the rows' banned ids with NaN.
+    pub fn sample_rows(&self, logits: &CudaTensor, rows: &[SampleRow]) -> Result<Vec<u32>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        if rows.len() > logits.rows || logits.cols == 0 || logits.cols > u32::MAX as usize {
+            return Err(err(format!(
+                "sampling {} rows from logits of shape ({}, {})",
+                rows.len(),
+                logits.rows,
+                logits.cols
+            )));
+        }
+        // Per row 8 words (`SampleParams` in kernels.cu), then every row's banned ids.
+        let n_banned: usize = rows.iter().map(|r| r.banned.len()).sum();
+        let mut words = Vec::with_capacity(8 * rows.len() + n_banned);
+        let mut banned_start = 0u32;
+        for r in rows {
+            let word = r.word();
+            words.extend_from_slice(&[
+                word as u32,
+                (word >> 32) as u32,
+                r.temperature.to_bits(),
+                r.top_p.to_bits(),
+                r.top_k,
+                banned_start,
+                r.banned.len() as u32,
+                0,
+            ]);
+            banned_start += r.banned.len() as u32;
+        }
+        for r in rows {
+            words.extend_from_slice(r.banned);
+        }
+        let inputs = self.upload(&words)?;
+        let banned = inputs.ptr + 32 * rows.len() as u64;
+        let out = self.alloc(rows.len() * 4)?;
+        let name = format!("sample_{}", self.elem.suffix());
+        let cfg = LaunchConfig {
+            grid_dim: (rows.len() as u32, 1, 1),
+            block_dim: (self.sample_threads, 1, 1),
+            shared_mem_bytes: self.sample_threads * SAMPLE_SMEM_PER_THREAD as u32,
+        };
         self.launch(
-            "argmax_f32",
-            &self.functions["argmax_f32"],
-            Self::rows_cfg(rows, 1024),
-            &[&out.ptr, &logits.ptr],
-            &[Scalar::U32(vocab as u32)],
+            &name,
+            &self.functions[&name],
+            cfg,
+            &[&out.ptr, &logits.buf.ptr, &inputs.ptr, &banned],
+            &[
+                Scalar::U32(logits.cols as u32),
+                Scalar::U32(crate::sampler::weight_shift(logits.cols)),
+            ],
         );
-        self.download(out.ptr, rows)
+        self.download(out.ptr, rows.len())
+    }
+
+    /// A `(rows, cols)` tensor of the backend's element type holding `host` (rounded to bf16 in a bf16 backend).
+    pub fn upload_tensor(&self, host: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        assert_eq!(
+            host.len(),
+            rows * cols,
+            "upload_tensor: {} values for ({rows}, {cols})",
+            host.len()
+        );
+        let buf = match self.elem {
+            Elem::F32 => self.upload(host)?,
+            Elem::BF16 => self.upload(&host.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<bf16>>())?,
+        };
+        Ok(CudaTensor { buf, rows, cols })
+    }
+
+    /// Threads per block of the sampling kernel on this device.
+    pub fn sample_threads(&self) -> u32 {
+        self.sample_threads
     }
 
     /// Measures device-memory bandwidth with a 16-byte-per-thread copy of `bytes` (read + written), in GB/s.
@@ -1729,28 +1829,8 @@ impl Backend for CudaBackend {
         self.synchronize()
     }
 
-    fn greedy_tokens(&self, logits: &CudaTensor) -> Option<Result<Vec<u32>>> {
-        let run = || {
-            let n = logits.rows * logits.cols;
-            let as_f32;
-            let f32_logits = match self.elem {
-                Elem::F32 => &logits.buf,
-                Elem::BF16 => {
-                    as_f32 = self.alloc(n * 4)?;
-                    let args: [&u64; 2] = [&as_f32.ptr, &logits.buf.ptr];
-                    self.launch(
-                        "to_float",
-                        self.f("to_float"),
-                        Self::grid_stride(n),
-                        &args,
-                        &[Scalar::U64(n as u64)],
-                    );
-                    &as_f32
-                }
-            };
-            self.argmax_rows(f32_logits, logits.rows, logits.cols)
-        };
-        Some(run())
+    fn sample_tokens(&self, logits: &mut CudaTensor, rows: &[SampleRow]) -> Option<Result<Vec<u32>>> {
+        Some(self.sample_rows(logits, rows))
     }
 
     fn free_memory_bytes(&self) -> Option<usize> {
