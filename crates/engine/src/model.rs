@@ -232,7 +232,10 @@ fn check_divisible(config: &ModelConfig, ranks: usize) -> Result<()> {
         ("KV heads", config.n_kv_heads),
         ("MLP rows (intermediate_size)", config.intermediate_size),
     ];
-    match counts.iter().find(|(_, count)| ranks == 0 || !count.is_multiple_of(ranks)) {
+    match counts
+        .iter()
+        .find(|(_, count)| ranks == 0 || !count.is_multiple_of(ranks))
+    {
         Some((what, count)) => Err(Error::InvalidRequest(format!(
             "tensor parallelism over {ranks} ranks needs the model's {what} to divide evenly among them, but it has {count}"
         ))),

@@ -20,7 +20,7 @@
 //! Logits are computed on every rank (the output projection is replicated) and read from rank 0.
 
 use super::cpu::{CpuBackend, CpuTensor};
-use super::{AttentionShape, Backend, KvLayout, StepBatch, WeightSplit};
+use super::{AttentionShape, Backend, KvCacheExport, KvLayout, PeerKvCache, StepBatch, WeightSplit};
 use crate::error::{Error, Result};
 use crate::rope::Rope;
 use crate::weights::{HostData, HostTensor};
@@ -287,6 +287,14 @@ impl<B: RankBackend> Backend for Tp<B> {
     fn greedy_tokens(&self, logits: &Self::Tensor) -> Option<Result<Vec<u32>>> {
         self.ranks[0].make_current();
         self.ranks[0].greedy_tokens(&logits[0])
+    }
+
+    /// CUDA IPC maps one device's pool; between tensor-parallel layouts KV moves over TCP instead (whole blocks,
+    /// resharded on import). `export_kv_cache` keeps its default (`None`) for the same reason.
+    fn open_peer_kv_cache(&self, _export: &KvCacheExport) -> Result<PeerKvCache> {
+        Err(tp_error(
+            "a tensor-parallel engine does not map another process's KV pool: KV moves over TCP".into(),
+        ))
     }
 
     /// The KV pool is divided among the ranks, so it may take the smallest rank's free memory on every rank.
