@@ -553,8 +553,11 @@ fn tp_selftest(args: &SelftestArgs, tp: usize) -> Result<()> {
         results.push(r);
 
         if name == "wide" {
+            // The one-GPU side is a tensor-parallel backend of one rank: its operations make their GPU current, as
+            // they must when two engines on different GPUs take turns on this thread (a plain CudaBackend assumes it
+            // is the only one). It exports and imports the same whole blocks as a plain one.
             let mut one = Engine::new(
-                CudaBackend::new(devices[0], &c)?,
+                tensor_parallel(&devices[..1], &c)?,
                 tp_model(&args.fixtures, name)?,
                 engine_config.clone(),
             )?;

@@ -52,8 +52,9 @@ pub struct TpKvCache<C> {
 }
 
 pub struct Tp<B: RankBackend> {
-    ranks: Vec<B>,
+    /// Declared first so that it is dropped first: communicators go before the devices they run on.
     group: B::Group,
+    ranks: Vec<B>,
 }
 
 impl<B: RankBackend> Tp<B> {
@@ -63,7 +64,7 @@ impl<B: RankBackend> Tp<B> {
             return Err(tp_error("tensor parallelism needs at least one rank".into()));
         }
         let group = B::group(&ranks)?;
-        Ok(Self { ranks, group })
+        Ok(Self { group, ranks })
     }
 
     pub fn ranks(&self) -> &[B] {
