@@ -35,7 +35,8 @@ pub struct BenchEngineArgs {
     /// Repetitions; the median is reported.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
-    /// Limit figures: memory bandwidth in GB/s and dense peak in TFLOP/s (defaults: the H100 SXM spec on a GPU).
+    /// Limit figures per GPU (times the ranks at --tp): memory bandwidth in GB/s and dense peak in TFLOP/s (defaults:
+    /// the H100 SXM spec on a GPU).
     #[arg(long)]
     bandwidth_gbs: Option<f64>,
     #[arg(long)]
@@ -65,8 +66,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn bench_with<B: Backend>(mut engine: Engine<B>, args: &BenchEngineArgs) -> Result<()> {
     let c = engine.model_config().clone();
     let on_gpu = engine.backend_name() == "cuda";
-    let bandwidth_gbs = args.bandwidth_gbs.unwrap_or(if on_gpu { 3350.0 } else { f64::NAN });
-    let peak_tflops = args.peak_tflops.unwrap_or(if on_gpu { 989.0 } else { f64::NAN });
+    // Tensor-parallel ranks each bring their own memory and compute: the limits are per GPU times the ranks.
+    let ranks = crate::rank_devices(&args.engine)?.len();
+    let bandwidth_gbs = ranks as f64 * args.bandwidth_gbs.unwrap_or(if on_gpu { 3350.0 } else { f64::NAN });
+    let peak_tflops = ranks as f64 * args.peak_tflops.unwrap_or(if on_gpu { 989.0 } else { f64::NAN });
     let layout = engine.kv_layout();
     let kv_bytes_per_token = 2 * c.n_layers * c.kv_dim() * (engine_kv_elem_bytes(&engine));
     // The CUDA backend keeps f16 checkpoints in bf16; the CPU backend widens them to f32.
@@ -183,6 +186,7 @@ fn bench_with<B: Backend>(mut engine: Engine<B>, args: &BenchEngineArgs) -> Resu
     let out = serde_json::json!({
         "model": engine.model_name(),
         "backend": engine.backend_name(),
+        "tp": ranks,
         "weight_bytes": weight_bytes,
         "kv_bytes_per_token": kv_bytes_per_token,
         "bandwidth_limit_gbs": bandwidth_gbs,

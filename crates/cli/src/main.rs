@@ -67,7 +67,16 @@ pub struct EngineArgs {
     /// GPU ordinal for the cuda backend.
     #[arg(long, default_value_t = 0)]
     device: usize,
-    /// Memory for the KV cache, in MiB (default: 256 on the CPU; on a GPU, --kv-cache-fraction of free memory).
+    /// Tensor parallelism: divide the model's heads and MLP among this many ranks (GPUs for cuda, simulated ranks on
+    /// the CPU). Default: the number of --devices, else 1.
+    #[arg(long)]
+    tp: Option<usize>,
+    /// GPU ordinals of the tensor-parallel ranks (comma-separated), one per rank; default: --device and the next
+    /// ones.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<usize>,
+    /// Memory for the KV cache, in MiB, all tensor-parallel ranks together (default: 256 on the CPU; on a GPU,
+    /// --kv-cache-fraction of free memory).
     #[arg(long)]
     kv_cache_mib: Option<usize>,
     /// On a GPU: fraction of the memory left after the weights that the KV pool takes.
@@ -269,50 +278,90 @@ fn pin_to_cpus(cpus: &[usize]) -> Result<()> {
 
 /// Which backend runs the engine.
 pub enum BackendChoice {
-    Cpu,
+    /// `ranks` simulated tensor-parallel ranks (1: the plain CPU backend).
+    Cpu { ranks: usize },
+    /// One rank per GPU ordinal.
     #[cfg(feature = "cuda")]
-    Cuda(usize),
+    Cuda { devices: Vec<usize> },
+}
+
+/// The GPU ordinals of the tensor-parallel ranks: `--devices`, else `--tp` ordinals from `--device`.
+fn rank_devices(args: &EngineArgs) -> Result<Vec<usize>> {
+    let tp = args.tp.unwrap_or(args.devices.len().max(1));
+    if tp == 0 {
+        bail!("--tp must be at least 1");
+    }
+    if args.devices.is_empty() {
+        return Ok((args.device..args.device + tp).collect());
+    }
+    if args.devices.len() != tp {
+        bail!("--tp {tp} needs {tp} GPUs but --devices lists {}", args.devices.len());
+    }
+    let mut unique = args.devices.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    if unique.len() != args.devices.len() {
+        bail!(
+            "--devices {:?} lists a GPU twice; each rank needs its own",
+            args.devices
+        );
+    }
+    Ok(args.devices.clone())
 }
 
 /// `auto` takes the GPU when one is usable and otherwise says why it runs on the CPU.
 pub fn choose_backend(args: &EngineArgs) -> Result<BackendChoice> {
+    let devices = rank_devices(args)?;
+    let cpu = BackendChoice::Cpu { ranks: devices.len() };
     match args.backend.as_str() {
-        "cpu" => Ok(BackendChoice::Cpu),
+        "cpu" => Ok(cpu),
         #[cfg(feature = "cuda")]
         "cuda" => {
             cleave_engine::backend::cuda::probe()?;
-            Ok(BackendChoice::Cuda(args.device))
+            Ok(BackendChoice::Cuda { devices })
         }
         #[cfg(feature = "cuda")]
         "auto" => match cleave_engine::backend::cuda::probe() {
-            Ok(_) => Ok(BackendChoice::Cuda(args.device)),
+            Ok(_) => Ok(BackendChoice::Cuda { devices }),
             Err(e) => {
                 eprintln!("cleave: running on the CPU backend ({e})");
-                Ok(BackendChoice::Cpu)
+                Ok(cpu)
             }
         },
         #[cfg(not(feature = "cuda"))]
         "cuda" => bail!("this cleave was built without the cuda feature"),
         #[cfg(not(feature = "cuda"))]
-        "auto" => Ok(BackendChoice::Cpu),
+        "auto" => Ok(cpu),
         other => bail!("unknown backend {other:?} (auto, cpu, cuda)"),
     }
 }
 
 /// Builds an engine on the chosen backend and runs `$body` with it: the engine is generic over its backend, so each
-/// backend gets its own monomorphised copy of the body.
+/// backend gets its own monomorphised copy of the body (one rank, or tensor-parallel ranks).
 #[macro_export]
 macro_rules! with_engine {
     ($args:expr, $resolved:expr, $config:expr, |$engine:ident| $body:expr) => {
         match $crate::choose_backend($args)? {
-            $crate::BackendChoice::Cpu => {
+            $crate::BackendChoice::Cpu { ranks: 1 } => {
                 let $engine =
                     cleave_engine::engine::Engine::new(cleave_engine::backend::cpu::CpuBackend, $resolved, $config)?;
                 $body
             }
+            $crate::BackendChoice::Cpu { ranks } => {
+                let ranks = vec![cleave_engine::backend::cpu::CpuBackend; ranks];
+                let backend = cleave_engine::backend::tensor_parallel::Tp::new(ranks)?;
+                let $engine = cleave_engine::engine::Engine::new(backend, $resolved, $config)?;
+                $body
+            }
             #[cfg(feature = "cuda")]
-            $crate::BackendChoice::Cuda(device) => {
-                let backend = cleave_engine::backend::cuda::CudaBackend::new(device, &$resolved.config)?;
+            $crate::BackendChoice::Cuda { devices } if devices.len() == 1 => {
+                let backend = cleave_engine::backend::cuda::CudaBackend::new(devices[0], &$resolved.config)?;
+                let $engine = cleave_engine::engine::Engine::new(backend, $resolved, $config)?;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            $crate::BackendChoice::Cuda { devices } => {
+                let backend = cleave_engine::backend::cuda::tensor_parallel(&devices, &$resolved.config)?;
                 let $engine = cleave_engine::engine::Engine::new(backend, $resolved, $config)?;
                 $body
             }

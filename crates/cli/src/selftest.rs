@@ -9,6 +9,9 @@
 //!   same tokens as the host sampler on the same logits, draws distributed as the renormalised softmax, and its time.
 //! - Batch invariance on the GPU: 16 sequences alone and batched. Where a sequence's tokens differ, the top-2 logit
 //!   gap at the first divergence shows whether floating-point order explains it.
+//!
+//! `--tp N` checks tensor parallelism instead (see [`tp_selftest`]): greedy tokens at N GPUs against one GPU, and
+//! KV moved between the two layouts.
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +34,12 @@ pub struct SelftestArgs {
     reference: Vec<PathBuf>,
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// Check tensor parallelism over this many GPUs against one GPU (and only that).
+    #[arg(long)]
+    tp: Option<usize>,
+    /// GPUs of the tensor-parallel ranks, comma-separated (default: --device and the next ones).
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<usize>,
     /// Write the full results as JSON here.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -49,6 +58,9 @@ pub fn run(args: SelftestArgs) -> Result<()> {
     use cleave_engine::backend::cuda::{CudaBackend, Precision};
 
     cleave_engine::backend::cuda::probe()?;
+    if let Some(tp) = args.tp {
+        return tp_selftest(&args, tp);
+    }
     let mut results = Vec::new();
     let mut failures = Vec::new();
     if args.sampling_only {
@@ -784,4 +796,183 @@ fn sampling_checks(device: usize) -> Result<Vec<Value>> {
         results.push(r);
     }
     Ok(results)
+}
+
+/// The models `--tp` checks: the fixtures, "wide" (the tiny preset at 8 query and 4 KV heads with every bias, f32,
+/// so that 2 and 4 ranks divide it), and the Llama-3-8B shape with dummy bf16 weights.
+fn tp_model(fixtures: &Path, name: &str) -> Result<cleave_engine::presets::ResolvedModel> {
+    use cleave_engine::presets::{ResolvedModel, preset};
+    if name == "wide" {
+        let config = cleave_engine::config::ModelConfig {
+            n_heads: 8,
+            n_kv_heads: 4,
+            head_dim: 8,
+            intermediate_size: 96,
+            n_layers: 3,
+            qkv_bias: true,
+            o_bias: true,
+            dtype: DType::F32,
+            ..preset("tiny").context("tiny preset")?
+        };
+        return Ok(ResolvedModel {
+            weights: Box::new(cleave_engine::weights::DummyWeights {
+                seed: 7,
+                dtype: config.dtype,
+            }),
+            config,
+            tokenizer: cleave_engine::tokenizer::Tokenizer::Bytes,
+            name: "wide".into(),
+        });
+    }
+    let dir = fixtures.join(name);
+    Ok(resolve_model(&if dir.is_dir() {
+        dir.to_string_lossy().into_owned()
+    } else {
+        name.to_string()
+    })?)
+}
+
+/// Tensor parallelism on `tp` GPUs against one GPU, model by model: greedy tokens of a few prompts (f32 models:
+/// identical, logits within 1e-3; bf16: every divergence within rounding, i.e. a top-2 gap under 0.1, and logits
+/// within 2e-2 in norm), then — on the f32 "wide" model — a prompt prefilled at `tp` ranks and decoded at one, and
+/// the other way round, whose tokens must equal one GPU's aggregated ones.
+#[cfg(feature = "cuda")]
+fn tp_selftest(args: &SelftestArgs, tp: usize) -> Result<()> {
+    use cleave_engine::backend::cuda::{CudaBackend, tensor_parallel};
+
+    let devices: Vec<usize> = match args.devices.is_empty() {
+        true => (args.device..args.device + tp).collect(),
+        false => args.devices.clone(),
+    };
+    if tp < 2 || devices.len() != tp {
+        bail!("--tp {tp} needs at least 2 GPUs, one per rank; --devices gives {devices:?}");
+    }
+    let engine_config = EngineConfig {
+        kv_cache_bytes: 1 << 30,
+        ..EngineConfig::default()
+    };
+    let prompts = |vocab: usize| -> Vec<Vec<u32>> {
+        [5u32, 17, 40, 100]
+            .iter()
+            .map(|&len| (0..len).map(|j| (j * 40_503 + len * 7) % vocab as u32).collect())
+            .collect()
+    };
+    let (mut results, mut failures) = (Vec::new(), Vec::new());
+    for name in ["llama", "qwen2", "qwen3", "wide", "llama3-8b"] {
+        let m = tp_model(&args.fixtures, name)?;
+        let c = m.config.clone();
+        if c.n_kv_heads % tp != 0 || c.n_heads % tp != 0 || c.intermediate_size % tp != 0 {
+            println!(
+                "{name}: skipped ({} heads, {} KV heads do not divide among {tp} GPUs)",
+                c.n_heads, c.n_kv_heads
+            );
+            continue;
+        }
+        let n_tokens = 16;
+        let mut one = Engine::new(CudaBackend::new(devices[0], &c)?, m, engine_config.clone())?;
+        let runs_one = prompts(c.vocab_size)
+            .into_iter()
+            .map(|p| greedy_with_logits(&mut one, p, n_tokens))
+            .collect::<Result<Vec<_>>>()?;
+        drop(one);
+        let m = tp_model(&args.fixtures, name)?;
+        let mut split = Engine::new(tensor_parallel(&devices, &c)?, m, engine_config.clone())?;
+        let runs_split = prompts(c.vocab_size)
+            .into_iter()
+            .map(|p| greedy_with_logits(&mut split, p, n_tokens))
+            .collect::<Result<Vec<_>>>()?;
+        let exact = c.dtype == DType::F32;
+        let (mut n_same, mut logit_err, mut notes, mut explained) = (0, 0f64, Vec::new(), true);
+        for (i, ((tokens_one, logits_one), (tokens_split, logits_split))) in
+            runs_one.iter().zip(&runs_split).enumerate()
+        {
+            logit_err = logit_err.max(match exact {
+                true => max_rel_err(&logits_split[0], &logits_one[0]),
+                false => norm_rel_err(&logits_split[0], &logits_one[0]),
+            });
+            match tokens_one.iter().zip(tokens_split).position(|(a, b)| a != b) {
+                None => n_same += 1,
+                Some(at) => {
+                    let gap = top2_gap(&logits_one[at]);
+                    explained &= !exact && gap < 0.1;
+                    notes.push(format!("prompt {i} diverges at token {at} (top-2 gap {gap:.2e})"));
+                }
+            }
+        }
+        let pass = explained && logit_err < if exact { 1e-3 } else { 2e-2 };
+        let r = json!({
+            "check": format!("tp {tp} vs 1 GPU: {name} ({})", if exact { "f32" } else { "bf16" }),
+            "pass": pass,
+            "tokens": format!("{n_same}/{} same", runs_one.len()),
+            "logit_err": logit_err,
+            "devices": devices,
+            "note": notes.join("; "),
+        });
+        println!("{r}");
+        if !pass {
+            failures.push(format!("tp {name}"));
+        }
+        results.push(r);
+
+        if name == "wide" {
+            // The one-GPU side is a tensor-parallel backend of one rank: its operations make their GPU current, as
+            // they must when two engines on different GPUs take turns on this thread (a plain CudaBackend assumes it
+            // is the only one). It exports and imports the same whole blocks as a plain one.
+            let mut one = Engine::new(
+                tensor_parallel(&devices[..1], &c)?,
+                tp_model(&args.fixtures, name)?,
+                engine_config.clone(),
+            )?;
+            let mut mismatches = Vec::new();
+            for (i, p) in prompts(c.vocab_size).into_iter().enumerate() {
+                let expected = &runs_one[i].0;
+                let to_one = disaggregated(&mut split, &mut one, p.clone(), n_tokens)?;
+                let to_split = disaggregated(&mut one, &mut split, p, n_tokens)?;
+                for (direction, tokens) in [(format!("{tp}->1"), to_one), (format!("1->{tp}"), to_split)] {
+                    if &tokens != expected {
+                        mismatches.push(format!("prompt {i} {direction}"));
+                    }
+                }
+            }
+            let r = json!({
+                "check": format!("kv resharding tp {tp} <-> 1: wide (f32)"),
+                "pass": mismatches.is_empty(),
+                "tokens": format!("{}/{} same", 2 * runs_one.len() - mismatches.len(), 2 * runs_one.len()),
+                "note": mismatches.join("; "),
+            });
+            println!("{r}");
+            if !mismatches.is_empty() {
+                failures.push("kv resharding".into());
+            }
+            results.push(r);
+        }
+    }
+    finish(&results, &failures, args.json_out.as_deref())
+}
+
+/// Greedy tokens of one prompt prefilled on `prefill` and decoded on `decode`, KV moved as exported blocks.
+fn disaggregated<P: Backend, D: Backend>(
+    prefill: &mut Engine<P>,
+    decode: &mut Engine<D>,
+    prompt: Vec<u32>,
+    n: usize,
+) -> Result<Vec<u32>> {
+    let params = RequestParams {
+        max_tokens: n,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let id = u64::MAX - 1;
+    let remote = decode.add_remote_prefill_request(id, prompt, params.clone())?;
+    let first = prefill.prefill_remote(&remote, &params, &mut |chunk| decode.import_kv_block(id, &chunk))?;
+    let out = decode.finish_remote_prefill(id, first)?;
+    let mut tokens = out.token_ids;
+    let mut finished = out.finish.is_some();
+    while !finished {
+        for out in decode.step()? {
+            tokens.extend(out.token_ids);
+            finished |= out.finish.is_some();
+        }
+    }
+    Ok(tokens)
 }

@@ -64,7 +64,9 @@ pub struct RouterSpec {
 #[serde(deny_unknown_fields, default)]
 pub struct PoolSpec {
     pub count: usize,
-    /// GPU ordinals, one per worker, given out in order (wrapping around); empty: GPU 0.
+    /// Tensor-parallel ranks per worker (GPUs on cuda, simulated ranks on the CPU).
+    pub tp: usize,
+    /// GPU ordinals, `tp` per worker, given out in order (wrapping around); empty: GPUs 0 to tp - 1.
     pub devices: Vec<usize>,
     /// CPU cores, one per worker, given out in order (wrapping around): the worker is pinned there with one compute
     /// thread (CPU backend: so pools on one machine do not compete for cores). Empty: not pinned.
@@ -118,6 +120,7 @@ impl Default for PoolSpec {
     fn default() -> Self {
         Self {
             count: 0,
+            tp: 1,
             devices: Vec::new(),
             cpus: Vec::new(),
             scheduler: "chunked".into(),
@@ -228,6 +231,9 @@ impl DeploymentSpec {
         ] {
             cleave_engine::scheduler::SchedulerPolicy::parse(&pool.scheduler, pool.step_tokens)
                 .map_err(|e| anyhow::anyhow!("{name} pool: {e}"))?;
+            if pool.tp == 0 {
+                bail!("{name} pool: tp must be at least 1");
+            }
         }
         Ok(())
     }
@@ -263,6 +269,19 @@ struct WorkerProcess {
     stdin: Option<ChildStdin>,
 }
 
+/// The GPUs of worker `index` of `pool`, as `--devices` takes them: the next `tp` ordinals of `devices` (wrapping
+/// around), or 0 to tp - 1 when none are listed.
+fn worker_devices(pool: &PoolSpec, index: usize) -> String {
+    let ordinals: Vec<String> = (0..pool.tp)
+        .map(|rank| match pool.devices.is_empty() {
+            true => rank,
+            false => pool.devices[(index * pool.tp + rank) % pool.devices.len()],
+        })
+        .map(|d| d.to_string())
+        .collect();
+    ordinals.join(",")
+}
+
 /// Starts one worker process; its address arrives later through `wait_listening`.
 fn spawn_worker(
     spec: &DeploymentSpec,
@@ -275,11 +294,7 @@ fn spawn_worker(
         Role::Prefill => &spec.prefill,
         _ => &spec.decode,
     };
-    let device = if pool.devices.is_empty() {
-        0
-    } else {
-        pool.devices[index % pool.devices.len()]
-    };
+    let devices = worker_devices(pool, index);
     let exe = std::env::current_exe().context("locating the cleave binary")?;
     let mut command = Command::new(exe);
     command
@@ -292,7 +307,8 @@ fn spawn_worker(
             "--backend",
             &spec.backend(),
         ])
-        .args(["--device", &device.to_string(), "--listen", &format!("{}:0", spec.host)])
+        .args(["--tp", &pool.tp.to_string(), "--devices", &devices])
+        .args(["--listen", &format!("{}:0", spec.host)])
         .args([
             "--block-size",
             &spec.block_size.to_string(),
@@ -714,5 +730,25 @@ impl DiscoveredWorkers {
         if !still_used && !self.static_addrs.contains(&addr) {
             self.pool.remove_worker(&addr);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_worker_gets_its_own_run_of_tp_devices() {
+        let pool = |tp, devices: &[usize]| PoolSpec {
+            tp,
+            devices: devices.to_vec(),
+            ..PoolSpec::default()
+        };
+        assert_eq!(worker_devices(&pool(1, &[]), 3), "0");
+        assert_eq!(worker_devices(&pool(2, &[]), 1), "0,1");
+        assert_eq!(worker_devices(&pool(2, &[0, 1, 2, 3]), 0), "0,1");
+        assert_eq!(worker_devices(&pool(2, &[0, 1, 2, 3]), 1), "2,3");
+        assert_eq!(worker_devices(&pool(2, &[4, 5, 6, 7]), 2), "4,5");
+        assert_eq!(worker_devices(&pool(1, &[2, 3]), 1), "3");
     }
 }

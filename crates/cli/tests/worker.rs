@@ -252,12 +252,20 @@ fn long_prompts() -> Vec<Vec<u32>> {
 
 /// A prefill worker and a decode worker linked to it; prompts of 16 tokens or more are prefilled remotely.
 async fn linked_pair(model: &str) -> (Worker, Worker) {
-    let prefill = start_worker_with(&["--model", model, "--role", "prefill"]);
+    linked_pair_tp(model, 1, 1).await
+}
+
+/// [`linked_pair`] with `prefill_tp` and `decode_tp` tensor-parallel ranks.
+async fn linked_pair_tp(model: &str, prefill_tp: usize, decode_tp: usize) -> (Worker, Worker) {
+    let (prefill_tp, decode_tp) = (prefill_tp.to_string(), decode_tp.to_string());
+    let prefill = start_worker_with(&["--model", model, "--role", "prefill", "--tp", &prefill_tp]);
     let decode = start_worker_with(&[
         "--model",
         model,
         "--role",
         "decode",
+        "--tp",
+        &decode_tp,
         "--prefill-worker",
         &prefill.addr,
         "--remote-prefill-tokens-min",
@@ -314,6 +322,44 @@ async fn disaggregated_workers_give_the_aggregated_tokens() {
         3,
         "a mostly cached prompt must not go remote"
     );
+}
+
+/// KV crosses between workers of different tensor-parallel layouts as whole blocks, resharded on the way in: the
+/// tokens are the one-rank aggregated engine's either way.
+#[tokio::test]
+async fn prefill_and_decode_at_different_tensor_parallel_degrees_give_the_aggregated_tokens() {
+    for (prefill_tp, decode_tp) in [(2, 1), (1, 2), (2, 2)] {
+        let (_prefill, decode) = linked_pair_tp("tiny", prefill_tp, decode_tp).await;
+        let mut conn = connect(&decode.addr).await;
+        let prompts = long_prompts();
+        send_all(&mut conn, &prompts, 10).await;
+        let done = collect(&mut conn, prompts.len()).await;
+        for ((id, tokens, _), p) in done.iter().zip(&prompts) {
+            assert_eq!(
+                tokens,
+                &in_process(p, 10),
+                "prefill tp {prefill_tp}, decode tp {decode_tp}: request {id}"
+            );
+        }
+        assert_eq!(
+            decode.log_count("prefilled remotely"),
+            3,
+            "prefill tp {prefill_tp}, decode tp {decode_tp}: {:?}",
+            decode.log.lock().unwrap()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_tensor_parallel_degree_the_model_cannot_divide_is_refused_at_start() {
+    // tiny has 2 KV heads: 4 ranks cannot share them.
+    let output = Command::new(env!("CARGO_BIN_EXE_cleave"))
+        .args(["worker", "--backend", "cpu", "--tp", "4", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("KV heads") && stderr.contains("4 ranks"), "{stderr}");
 }
 
 #[tokio::test]

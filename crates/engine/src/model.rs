@@ -1,14 +1,15 @@
 //! The Llama-family transformer, written once over [`Backend`]. Llama 2/3, Mistral, Qwen2 and Qwen3 differ only in
 //! switches of [`ModelConfig`]: q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3), tied embeddings, RoPE scaling.
 
-use crate::backend::{AttentionShape, Backend, KvLayout, StepBatch};
+use crate::backend::{AttentionShape, Backend, KvLayout, StepBatch, WeightSplit};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::rope::Rope;
 use crate::weights::{HostTensor, WeightSource};
 
 /// One decoder layer's weights, `nn.Linear`-style `(out, in)`. q, k and v are stacked into one matrix, and gate and
-/// up into another, so each pair or triple is one matrix product.
+/// up into another, so each pair or triple is one matrix product. Shapes are the whole model's; under tensor
+/// parallelism each rank holds its share of `qkv_proj`, `gate_up_proj` (rows) and `o_proj`, `down_proj` (columns).
 pub struct Layer<W> {
     pub input_norm: W,           // (hidden)
     pub qkv_proj: W,             // (q_dim + 2 * kv_dim, hidden): rows q, then k, then v
@@ -32,7 +33,9 @@ pub struct Model<B: Backend> {
 }
 
 impl<B: Backend> Model<B> {
-    /// Loads every tensor the config calls for, checking shapes, and hands them to the backend.
+    /// Loads every tensor the config calls for, checking shapes, and hands them to the backend — divided among its
+    /// tensor-parallel ranks Megatron-style: q/k/v and gate/up split by output (heads, MLP rows), o_proj and
+    /// down_proj by input, everything else replicated.
     pub fn load(backend: &B, config: ModelConfig, source: &dyn WeightSource) -> Result<Self> {
         let (h, q_dim, kv_dim, inter, hd) = (
             config.hidden_size,
@@ -41,13 +44,17 @@ impl<B: Backend> Model<B> {
             config.intermediate_size,
             config.head_dim,
         );
-        let get = |name: &str, shape: &[usize]| backend.weight(source.tensor(name, shape)?);
+        check_divisible(&config, backend.n_ranks())?;
+        let get_split =
+            |name: &str, shape: &[usize], split: WeightSplit| backend.weight_split(source.tensor(name, shape)?, split);
+        let get = |name: &str, shape: &[usize]| get_split(name, shape, WeightSplit::Replicated);
         let stacked = |names: &[(String, usize)], cols: &[usize]| -> Result<B::Weight> {
             let parts = names
                 .iter()
                 .map(|(name, rows)| source.tensor(name, &[&[*rows][..], cols].concat()))
                 .collect::<Result<Vec<_>>>()?;
-            backend.weight(HostTensor::stack_rows(parts))
+            let split = WeightSplit::Outputs(names.iter().map(|(_, rows)| *rows).collect());
+            backend.weight_split(HostTensor::stack_rows(parts), split)
         };
         let mut layers = Vec::with_capacity(config.n_layers);
         for i in 0..config.n_layers {
@@ -81,7 +88,11 @@ impl<B: Backend> Model<B> {
                     ]),
                     false => None,
                 },
-                o_proj: get(&format!("{p}.self_attn.o_proj.weight"), &[h, q_dim])?,
+                o_proj: get_split(
+                    &format!("{p}.self_attn.o_proj.weight"),
+                    &[h, q_dim],
+                    WeightSplit::Inputs,
+                )?,
                 o_bias: match config.o_bias {
                     true => Some(get(&format!("{p}.self_attn.o_proj.bias"), &[h])?),
                     false => None,
@@ -94,7 +105,7 @@ impl<B: Backend> Model<B> {
                     ],
                     &[h],
                 )?,
-                down_proj: get(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
+                down_proj: get_split(&format!("{p}.mlp.down_proj.weight"), &[h, inter], WeightSplit::Inputs)?,
             });
         }
         // Some tied checkpoints still carry an lm_head copy; a missing one with tie_word_embeddings=false is an error.
@@ -154,17 +165,21 @@ impl<B: Backend> Model<B> {
         let c = &self.config;
         let eps = c.rms_norm_eps as f32;
         let n = backend.batch_tokens(batch);
+        // This rank's share: heads and MLP rows are divided among the tensor-parallel ranks (all of them at one).
+        let ranks = backend.n_ranks();
+        let (n_heads, n_kv_heads, inter) = (c.n_heads / ranks, c.n_kv_heads / ranks, c.intermediate_size / ranks);
+        let (q_dim, kv_dim) = (n_heads * c.head_dim, n_kv_heads * c.head_dim);
         let attn_shape = AttentionShape {
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
+            n_heads,
+            n_kv_heads,
             head_dim: c.head_dim,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
         };
         let t = |cols: usize| backend.tensor(n, cols);
-        let (mut x, mut h) = (t(c.hidden_size)?, t(c.hidden_size)?); // (n, hidden)
-        let (mut qkv, mut q, mut attn) = (t(c.q_dim() + 2 * c.kv_dim())?, t(c.q_dim())?, t(c.q_dim())?);
+        let (mut x, mut h) = (t(c.hidden_size)?, t(c.hidden_size)?); // (n, hidden), on every rank
+        let (mut qkv, mut q, mut attn) = (t(q_dim + 2 * kv_dim)?, t(q_dim)?, t(q_dim)?); // this rank's heads
         let mut o = t(c.hidden_size)?;
-        let (mut gate_up, mut act) = (t(2 * c.intermediate_size)?, t(c.intermediate_size)?);
+        let (mut gate_up, mut act) = (t(2 * inter)?, t(inter)?); // this rank's MLP rows
 
         // x = embed(tokens);  h = rms_norm(x)
         backend.embed(&mut x, &self.embed_tokens, batch);
@@ -178,12 +193,14 @@ impl<B: Backend> Model<B> {
             // x = x + o_proj(attention(q, cache));  h = rms_norm(x)
             backend.attention(&mut attn, &q, cache, layer_idx, attn_shape, batch);
             backend.linear(&mut o, &attn, &layer.o_proj, layer.o_bias.as_ref());
+            backend.all_reduce(&mut o); // each rank's heads contribute a partial o_proj
             backend.add_rms_norm(&mut x, &o, &layer.post_attention_norm, eps, &mut h);
 
             // x = x + down_proj(silu(gate_proj(h)) * up_proj(h));  h = rms_norm(x) with the next layer's weight
             backend.linear(&mut gate_up, &h, &layer.gate_up_proj, None);
             backend.silu_mul(&mut act, &gate_up);
             backend.linear(&mut o, &act, &layer.down_proj, None);
+            backend.all_reduce(&mut o); // each rank's MLP rows contribute a partial down_proj
             let next_norm = self
                 .layers
                 .get(layer_idx + 1)
@@ -204,6 +221,25 @@ impl<B: Backend> Model<B> {
             None,
         );
         Ok(logits)
+    }
+}
+
+/// Tensor parallelism divides heads and MLP rows evenly among ranks; a model that does not divide is refused here
+/// rather than computed wrong. (KV heads are not replicated across ranks, so `n_kv_heads` bounds the ranks.)
+fn check_divisible(config: &ModelConfig, ranks: usize) -> Result<()> {
+    let counts = [
+        ("attention heads", config.n_heads),
+        ("KV heads", config.n_kv_heads),
+        ("MLP rows (intermediate_size)", config.intermediate_size),
+    ];
+    match counts
+        .iter()
+        .find(|(_, count)| ranks == 0 || !count.is_multiple_of(ranks))
+    {
+        Some((what, count)) => Err(Error::InvalidRequest(format!(
+            "tensor parallelism over {ranks} ranks needs the model's {what} to divide evenly among them, but it has {count}"
+        ))),
+        None => Ok(()),
     }
 }
 

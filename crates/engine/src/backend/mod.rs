@@ -9,6 +9,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod tensor_parallel;
 
 use crate::error::Result;
 use crate::rope::Rope;
@@ -94,6 +95,23 @@ impl StepBatch {
     }
 }
 
+/// How a weight is divided among the ranks of a tensor-parallel backend ([`tensor_parallel::Tp`]). Single-device
+/// backends ignore it: at one rank every split is the whole tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WeightSplit {
+    /// Every rank holds all of it (norms, embeddings, the output projection).
+    Replicated,
+    /// Output features split (Megatron's column-parallel linear; vectors split along their one axis): the rows are
+    /// a stack of parts of the given row counts, and rank `r` of `n` holds the `r`-th of `n` equal pieces of each
+    /// part, stacked in the same order. So stacked `[q | k | v]` gives each rank its own q heads, k heads and v heads,
+    /// and `[gate | up]` its own gate and up rows, and the per-rank layout is the one-device layout at fewer heads.
+    Outputs(Vec<usize>),
+    /// Input features split (row-parallel linear): rank `r` holds the `r`-th of `n` equal runs of columns, so its
+    /// product is a partial sum that [`Backend::all_reduce`] completes. A bias given with such a weight is added
+    /// once (by rank 0), not once per rank.
+    Inputs,
+}
+
 /// Attention geometry that the attention kernel needs besides the batch.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {
@@ -113,6 +131,15 @@ pub trait Backend: Send + Sync {
 
     fn name(&self) -> &'static str;
     fn weight(&self, tensor: HostTensor) -> Result<Self::Weight>;
+    /// Loads a weight divided among tensor-parallel ranks as `split` says; one rank holds all of it.
+    fn weight_split(&self, tensor: HostTensor, _split: WeightSplit) -> Result<Self::Weight> {
+        self.weight(tensor)
+    }
+    /// Tensor-parallel ranks the model is divided over. The forward pass runs on each rank's share of the heads and
+    /// of the MLP; tensors it allocates have per-rank shapes.
+    fn n_ranks(&self) -> usize {
+        1
+    }
     fn kv_cache(&self, layout: &KvLayout) -> Result<Self::KvCache>;
     fn batch(&self, step: &StepBatch) -> Result<Self::Batch>;
     fn tensor(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
@@ -161,6 +188,8 @@ pub trait Backend: Send + Sync {
         shape: AttentionShape,
         batch: &Self::Batch,
     );
+    /// `x = Σ over ranks of x`: completes the partial sums of an input-split linear layer. Nothing at one rank.
+    fn all_reduce(&self, _x: &mut Self::Tensor) {}
     /// `out = silu(gate) * up` where each row of `gate_up` is `[gate | up]`.
     fn silu_mul(&self, out: &mut Self::Tensor, gate_up: &Self::Tensor);
     /// `out[i] = x[batch.logit_rows[i]]`.

@@ -8,6 +8,9 @@
 //! Activations and the KV cache use the checkpoint's precision: f32 for f32 checkpoints, bf16 otherwise (f16
 //! checkpoints are computed in bf16). Every kernel accumulates in f32.
 
+mod tensor_parallel;
+pub use tensor_parallel::{NcclGroup, probe_nccl, tensor_parallel};
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

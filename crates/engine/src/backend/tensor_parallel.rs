@@ -1,0 +1,482 @@
+//! Tensor parallelism inside one engine: [`Tp`] is a [`Backend`] over N rank backends (one per GPU of a host, or
+//! simulated CPU ranks), divided Megatron-style.
+//!
+//! - A weight is one shard per rank, cut as [`WeightSplit`] says: q/k/v and gate/up by output rows (each rank owns
+//!   `n_heads / N` query heads, `n_kv_heads / N` KV heads and `intermediate / N` MLP rows), o_proj and down_proj by
+//!   input columns, norms, embeddings and the output projection replicated.
+//! - A tensor is one tensor per rank, in that rank's shape: the forward pass asks for per-rank shapes
+//!   ([`Backend::n_ranks`]), so every operation simply runs on each rank with its own shards, and the two places
+//!   where a rank's result is only a partial sum (after o_proj and after down_proj) call [`Backend::all_reduce`].
+//! - The KV cache is one cache per rank holding that rank's KV heads. Block ids are shared: the engine keeps one
+//!   block pool and one scheduler, and a block id names the same slot in every rank's cache, so ranks always agree on
+//!   the batch.
+//! - A block as exported or imported ([`Backend::export_kv_block`]) is the *whole* block, every head gathered from
+//!   the ranks in the one-device layout ([`KvLayout`]). Any tensor-parallel layout therefore exchanges KV with any
+//!   other — a prefill engine at 2 ranks feeds a decode engine at 1 or 4 — and the heads are resharded on the way in.
+//!
+//! Ranks run one after another on the calling thread. On GPUs that still overlaps them, since each rank only queues
+//! work on its own device's stream; on the CPU each rank's operations are themselves multithreaded.
+//!
+//! Logits are computed on every rank (the output projection is replicated) and read from rank 0.
+
+use super::cpu::{CpuBackend, CpuTensor};
+use super::{AttentionShape, Backend, KvCacheExport, KvLayout, PeerKvCache, SampleRow, StepBatch, WeightSplit};
+use crate::error::{Error, Result};
+use crate::rope::Rope;
+use crate::weights::{HostData, HostTensor};
+
+/// A backend that can be one rank of a [`Tp`]: it can join a reduction group with its peers.
+pub trait RankBackend: Backend + Sized {
+    /// What the ranks share to sum across devices (NCCL communicators on GPUs; nothing on the CPU).
+    type Group: Send + Sync;
+    /// Joins `ranks` (in rank order) into one reduction group.
+    fn group(ranks: &[Self]) -> Result<Self::Group>;
+    /// `xs[r] = Σₛ xs[s]` element-wise for every rank `r`; every rank ends with the same values.
+    fn all_reduce_sum(group: &Self::Group, ranks: &[Self], xs: &mut [Self::Tensor]);
+    /// Makes this rank's device current on the calling thread before its operations are issued.
+    fn make_current(&self) {}
+}
+
+/// A weight divided among ranks: shard `r` lives on rank `r`.
+pub struct TpWeight<W> {
+    shards: Vec<W>,
+    /// Split by input columns: each rank's product is a partial sum, so a bias is added by rank 0 only.
+    split_inputs: bool,
+}
+
+/// One KV cache per rank, each holding that rank's KV heads of every block.
+pub struct TpKvCache<C> {
+    ranks: Vec<C>,
+    /// The whole cache's layout (all heads), as blocks are exported.
+    layout: KvLayout,
+}
+
+pub struct Tp<B: RankBackend> {
+    /// Declared first so that it is dropped first: communicators go before the devices they run on.
+    group: B::Group,
+    ranks: Vec<B>,
+}
+
+impl<B: RankBackend> Tp<B> {
+    /// Ranks in order: rank `r` holds the `r`-th share of every split weight.
+    pub fn new(ranks: Vec<B>) -> Result<Self> {
+        if ranks.is_empty() {
+            return Err(tp_error("tensor parallelism needs at least one rank".into()));
+        }
+        let group = B::group(&ranks)?;
+        Ok(Self { group, ranks })
+    }
+
+    pub fn ranks(&self) -> &[B] {
+        &self.ranks
+    }
+
+    /// Runs `f` on every rank with its device current, in rank order.
+    fn each<T>(&self, mut f: impl FnMut(usize, &B) -> T) -> Vec<T> {
+        self.ranks
+            .iter()
+            .enumerate()
+            .map(|(r, rank)| {
+                rank.make_current();
+                f(r, rank)
+            })
+            .collect()
+    }
+
+    /// The layout of one rank's cache: the whole layout at `n_kv_heads / N` heads.
+    fn rank_layout(&self, layout: &KvLayout) -> Result<KvLayout> {
+        let n = self.ranks.len();
+        if !layout.n_kv_heads.is_multiple_of(n) {
+            return Err(tp_error(format!(
+                "{} KV heads cannot be divided among {n} ranks",
+                layout.n_kv_heads
+            )));
+        }
+        Ok(KvLayout {
+            n_kv_heads: layout.n_kv_heads / n,
+            ..*layout
+        })
+    }
+
+    /// Sizes for moving one block between the whole layout and the ranks' caches: a block is `2 * block_size` rows
+    /// (K then V, one row per token), a row holds every head, and rank `r`'s heads are the `r`-th of N equal pieces
+    /// of each row. Returns (bytes of a whole row, bytes of one rank's piece of it).
+    fn block_rows(&self, layout: &KvLayout, n_bytes: usize) -> Result<(usize, usize)> {
+        let whole = self.kv_block_bytes(layout);
+        let rank_bytes = self.ranks[0].kv_block_bytes(&self.rank_layout(layout)?);
+        let n = self.ranks.len();
+        if n_bytes != whole || rank_bytes * n != whole {
+            return Err(tp_error(format!(
+                "a KV block is {whole} bytes ({rank_bytes} per rank over {n} ranks); got {n_bytes}"
+            )));
+        }
+        let row_bytes = whole / (2 * layout.block_size);
+        Ok((row_bytes, row_bytes / n))
+    }
+}
+
+impl<B: RankBackend> Backend for Tp<B> {
+    type Tensor = Vec<B::Tensor>;
+    type Weight = TpWeight<B::Weight>;
+    type KvCache = TpKvCache<B::KvCache>;
+    type Batch = Vec<B::Batch>;
+
+    fn name(&self) -> &'static str {
+        self.ranks[0].name()
+    }
+
+    fn n_ranks(&self) -> usize {
+        self.ranks.len()
+    }
+
+    fn weight(&self, tensor: HostTensor) -> Result<Self::Weight> {
+        self.weight_split(tensor, WeightSplit::Replicated)
+    }
+
+    fn weight_split(&self, tensor: HostTensor, split: WeightSplit) -> Result<Self::Weight> {
+        let n = self.ranks.len();
+        let shards = self
+            .each(|r, rank| rank.weight(shard(&tensor, &split, r, n)?))
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TpWeight {
+            shards,
+            split_inputs: split == WeightSplit::Inputs,
+        })
+    }
+
+    fn kv_cache(&self, layout: &KvLayout) -> Result<Self::KvCache> {
+        let local = self.rank_layout(layout)?;
+        let ranks = self
+            .each(|_, rank| rank.kv_cache(&local))
+            .into_iter()
+            .collect::<Result<_>>()?;
+        Ok(TpKvCache { ranks, layout: *layout })
+    }
+
+    fn batch(&self, step: &StepBatch) -> Result<Self::Batch> {
+        self.each(|_, rank| rank.batch(step)).into_iter().collect()
+    }
+
+    fn tensor(&self, rows: usize, cols: usize) -> Result<Self::Tensor> {
+        self.each(|_, rank| rank.tensor(rows, cols)).into_iter().collect()
+    }
+
+    fn batch_tokens(&self, batch: &Self::Batch) -> usize {
+        self.ranks[0].batch_tokens(&batch[0])
+    }
+
+    fn batch_logit_rows(&self, batch: &Self::Batch) -> usize {
+        self.ranks[0].batch_logit_rows(&batch[0])
+    }
+
+    fn embed(&self, out: &mut Self::Tensor, table: &Self::Weight, batch: &Self::Batch) {
+        self.each(|r, rank| rank.embed(&mut out[r], &table.shards[r], &batch[r]));
+    }
+
+    fn rms_norm(&self, out: &mut Self::Tensor, x: &Self::Tensor, weight: &Self::Weight, eps: f32) {
+        self.each(|r, rank| rank.rms_norm(&mut out[r], &x[r], &weight.shards[r], eps));
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Tensor,
+        y: &Self::Tensor,
+        weight: &Self::Weight,
+        eps: f32,
+        out: &mut Self::Tensor,
+    ) {
+        self.each(|r, rank| rank.add_rms_norm(&mut x[r], &y[r], &weight.shards[r], eps, &mut out[r]));
+    }
+
+    fn linear(&self, out: &mut Self::Tensor, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>) {
+        self.each(|r, rank| {
+            // The partial sums of an input-split product are added up by all_reduce: the bias goes in once.
+            let bias = bias.filter(|_| !w.split_inputs || r == 0).map(|b| &b.shards[r]);
+            rank.linear(&mut out[r], &x[r], &w.shards[r], bias)
+        });
+    }
+
+    fn qkv_rope_kv(
+        &self,
+        q: &mut Self::Tensor,
+        qkv: &Self::Tensor,
+        cache: &mut Self::KvCache,
+        layer_idx: usize,
+        rope: &Rope,
+        qk_norm: Option<(&Self::Weight, &Self::Weight, f32)>,
+        shape: AttentionShape,
+        batch: &Self::Batch,
+    ) {
+        self.each(|r, rank| {
+            let qk_norm = qk_norm.map(|(qn, kn, eps)| (&qn.shards[r], &kn.shards[r], eps));
+            rank.qkv_rope_kv(
+                &mut q[r],
+                &qkv[r],
+                &mut cache.ranks[r],
+                layer_idx,
+                rope,
+                qk_norm,
+                shape,
+                &batch[r],
+            )
+        });
+    }
+
+    fn attention(
+        &self,
+        out: &mut Self::Tensor,
+        q: &Self::Tensor,
+        cache: &Self::KvCache,
+        layer_idx: usize,
+        shape: AttentionShape,
+        batch: &Self::Batch,
+    ) {
+        self.each(|r, rank| rank.attention(&mut out[r], &q[r], &cache.ranks[r], layer_idx, shape, &batch[r]));
+    }
+
+    fn all_reduce(&self, x: &mut Self::Tensor) {
+        B::all_reduce_sum(&self.group, &self.ranks, x);
+    }
+
+    fn silu_mul(&self, out: &mut Self::Tensor, gate_up: &Self::Tensor) {
+        self.each(|r, rank| rank.silu_mul(&mut out[r], &gate_up[r]));
+    }
+
+    fn gather_logit_rows(&self, out: &mut Self::Tensor, x: &Self::Tensor, batch: &Self::Batch) {
+        self.each(|r, rank| rank.gather_logit_rows(&mut out[r], &x[r], &batch[r]));
+    }
+
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>> {
+        self.ranks[0].make_current();
+        self.ranks[0].to_host(&x[0])
+    }
+
+    /// The whole block, as one device would hold it: what crosses to other engines whatever their ranks.
+    fn kv_block_bytes(&self, layout: &KvLayout) -> usize {
+        self.ranks[0].kv_block_bytes(layout)
+    }
+
+    fn export_kv_block(&self, cache: &Self::KvCache, layer_idx: usize, block: u32, dst: &mut [u8]) -> Result<()> {
+        let (row_bytes, piece) = self.block_rows(&cache.layout, dst.len())?;
+        let mut local = vec![0u8; dst.len() / self.ranks.len()];
+        for (r, (rank, rank_cache)) in self.ranks.iter().zip(&cache.ranks).enumerate() {
+            rank.make_current();
+            rank.export_kv_block(rank_cache, layer_idx, block, &mut local)?;
+            for (row, heads) in local.chunks_exact(piece).enumerate() {
+                let at = row * row_bytes + r * piece;
+                dst[at..at + piece].copy_from_slice(heads);
+            }
+        }
+        Ok(())
+    }
+
+    fn import_kv_block(&self, cache: &mut Self::KvCache, layer_idx: usize, block: u32, src: &[u8]) -> Result<()> {
+        let (row_bytes, piece) = self.block_rows(&cache.layout, src.len())?;
+        let mut local = vec![0u8; src.len() / self.ranks.len()];
+        for (r, (rank, rank_cache)) in self.ranks.iter().zip(&mut cache.ranks).enumerate() {
+            for (row, heads) in local.chunks_exact_mut(piece).enumerate() {
+                let at = row * row_bytes + r * piece;
+                heads.copy_from_slice(&src[at..at + piece]);
+            }
+            rank.make_current();
+            rank.import_kv_block(rank_cache, layer_idx, block, &local)?;
+        }
+        Ok(())
+    }
+
+    fn sample_tokens(&self, logits: &mut Self::Tensor, rows: &[SampleRow]) -> Option<Result<Vec<u32>>> {
+        self.ranks[0].make_current();
+        self.ranks[0].sample_tokens(&mut logits[0], rows)
+    }
+
+    /// CUDA IPC maps one device's pool; between tensor-parallel layouts KV moves over TCP instead (whole blocks,
+    /// resharded on import). `export_kv_cache` keeps its default (`None`) for the same reason.
+    fn open_peer_kv_cache(&self, _export: &KvCacheExport) -> Result<PeerKvCache> {
+        Err(tp_error(
+            "a tensor-parallel engine does not map another process's KV pool: KV moves over TCP".into(),
+        ))
+    }
+
+    /// The KV pool is divided among the ranks, so it may take the smallest rank's free memory on every rank.
+    fn free_memory_bytes(&self) -> Option<usize> {
+        let free = self.each(|_, rank| rank.free_memory_bytes());
+        let min = free.into_iter().collect::<Option<Vec<_>>>()?.into_iter().min()?;
+        Some(min * self.ranks.len())
+    }
+}
+
+/// Simulated ranks on the host: the all-reduce adds the ranks' tensors in rank order, so it is deterministic.
+impl RankBackend for CpuBackend {
+    type Group = ();
+
+    fn group(_ranks: &[Self]) -> Result<()> {
+        Ok(())
+    }
+
+    fn all_reduce_sum(_group: &(), _ranks: &[Self], xs: &mut [CpuTensor]) {
+        let Some((sum, rest)) = xs.split_first_mut() else {
+            return;
+        };
+        for x in rest.iter() {
+            sum.data.iter_mut().zip(&x.data).for_each(|(a, b)| *a += b);
+        }
+        for x in rest {
+            x.data.copy_from_slice(&sum.data);
+        }
+    }
+}
+
+fn tp_error(message: String) -> Error {
+    Error::Backend {
+        backend: "tensor-parallel",
+        message,
+    }
+}
+
+/// Rank `rank`'s share (of `n`) of `tensor` under `split`.
+pub fn shard(tensor: &HostTensor, split: &WeightSplit, rank: usize, n: usize) -> Result<HostTensor> {
+    let (shape, take) = shard_plan(&tensor.shape, split, rank, n)?;
+    let data = match &tensor.data {
+        HostData::F32(v) => HostData::F32(take.iter().flat_map(|r| &v[r.clone()]).copied().collect()),
+        HostData::BF16(v) => HostData::BF16(take.iter().flat_map(|r| &v[r.clone()]).copied().collect()),
+    };
+    Ok(HostTensor { shape, data })
+}
+
+/// The shard's shape and the element ranges of the whole tensor it is made of, in order.
+fn shard_plan(
+    shape: &[usize],
+    split: &WeightSplit,
+    rank: usize,
+    n: usize,
+) -> Result<(Vec<usize>, Vec<std::ops::Range<usize>>)> {
+    let bad = |what: String| Err(tp_error(format!("cannot split a tensor of shape {shape:?} {what}")));
+    let (&rows, rest) = shape.split_first().unwrap_or((&1, &[]));
+    let cols: usize = rest.iter().product();
+    match split {
+        WeightSplit::Replicated => Ok((shape.to_vec(), std::iter::once(0..rows * cols).collect())),
+        WeightSplit::Outputs(parts) => {
+            if parts.iter().sum::<usize>() != rows || parts.iter().any(|p| !p.is_multiple_of(n)) {
+                return bad(format!("into parts of {parts:?} rows, each divided among {n} ranks"));
+            }
+            let mut take = Vec::with_capacity(parts.len());
+            let mut part_start = 0;
+            for &part in parts {
+                let first_row = part_start + rank * (part / n);
+                take.push(first_row * cols..(first_row + part / n) * cols);
+                part_start += part;
+            }
+            let mut shard_shape = shape.to_vec();
+            shard_shape[0] = rows / n;
+            Ok((shard_shape, take))
+        }
+        WeightSplit::Inputs => {
+            if shape.len() != 2 || !cols.is_multiple_of(n) {
+                return bad(format!("by input columns among {n} ranks"));
+            }
+            let piece = cols / n;
+            let take = (0..rows)
+                .map(|row| row * cols + rank * piece..row * cols + (rank + 1) * piece)
+                .collect();
+            Ok((vec![rows, piece], take))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(shape: &[usize]) -> HostTensor {
+        let n = shape.iter().product::<usize>();
+        HostTensor {
+            shape: shape.to_vec(),
+            data: HostData::F32((0..n).map(|i| i as f32).collect()),
+        }
+    }
+
+    fn values(t: &HostTensor) -> Vec<f32> {
+        t.to_f32()
+    }
+
+    #[test]
+    fn output_split_gives_each_rank_its_rows_of_every_part() {
+        // Parts of 4 and 2 rows (think q heads and k heads), 3 columns, over 2 ranks.
+        let t = host(&[6, 3]);
+        let split = WeightSplit::Outputs(vec![4, 2]);
+        let r0 = shard(&t, &split, 0, 2).unwrap();
+        let r1 = shard(&t, &split, 1, 2).unwrap();
+        assert_eq!(r0.shape, vec![3, 3]);
+        // rank 0: rows 0, 1 of the first part and row 4 (first of the second); rank 1: rows 2, 3 and 5.
+        assert_eq!(values(&r0), [0., 1., 2., 3., 4., 5., 12., 13., 14.]);
+        assert_eq!(values(&r1), [6., 7., 8., 9., 10., 11., 15., 16., 17.]);
+    }
+
+    #[test]
+    fn output_split_of_a_vector_splits_its_one_axis() {
+        let t = host(&[8]);
+        let s = shard(&t, &WeightSplit::Outputs(vec![4, 4]), 1, 2).unwrap();
+        assert_eq!(s.shape, vec![4]);
+        assert_eq!(values(&s), [2., 3., 6., 7.]);
+    }
+
+    #[test]
+    fn input_split_gives_each_rank_its_columns() {
+        let t = host(&[2, 4]);
+        let s = shard(&t, &WeightSplit::Inputs, 1, 2).unwrap();
+        assert_eq!(s.shape, vec![2, 2]);
+        assert_eq!(values(&s), [2., 3., 6., 7.]);
+    }
+
+    #[test]
+    fn uneven_splits_are_refused_with_the_shape() {
+        let t = host(&[6, 3]);
+        let message = |split| shard(&t, &split, 0, 2).err().expect("refused").to_string();
+        let e = message(WeightSplit::Outputs(vec![3, 3]));
+        assert!(e.contains("[6, 3]") && e.contains("2 ranks"), "{e}");
+        let e = message(WeightSplit::Inputs);
+        assert!(e.contains("input columns"), "{e}");
+    }
+
+    #[test]
+    fn host_all_reduce_sums_every_rank_into_every_rank() {
+        let t = |v: f32| CpuTensor {
+            rows: 1,
+            cols: 2,
+            data: vec![v, 2.0 * v],
+        };
+        let mut xs = vec![t(1.0), t(2.0), t(4.0)];
+        CpuBackend::all_reduce_sum(&(), &[CpuBackend, CpuBackend, CpuBackend], &mut xs);
+        for x in &xs {
+            assert_eq!(x.data, [7.0, 14.0]);
+        }
+    }
+
+    #[test]
+    fn kv_blocks_export_whole_and_import_back_into_any_rank_count() {
+        let layout = KvLayout {
+            n_layers: 2,
+            n_blocks: 3,
+            block_size: 4,
+            n_kv_heads: 4,
+            head_dim: 2,
+        };
+        // A whole block with distinct values, imported at 4 ranks, exported again at 4 ranks; and the same bytes
+        // imported into one CPU cache: both exports equal the input.
+        let block: Vec<u8> = (0..layout.block_elems())
+            .flat_map(|i| (i as f32).to_le_bytes())
+            .collect();
+        let tp = Tp::new(vec![CpuBackend; 4]).unwrap();
+        let mut cache = tp.kv_cache(&layout).unwrap();
+        tp.import_kv_block(&mut cache, 1, 2, &block).unwrap();
+        let mut out = vec![0u8; block.len()];
+        tp.export_kv_block(&cache, 1, 2, &mut out).unwrap();
+        assert_eq!(out, block);
+        // Rank 1 holds head 1 of every token: elements 2..4 of each 8-element row.
+        let rank1 = &cache.ranks[1].layers[1][2 * layout.block_elems() / 4..][..4];
+        assert_eq!(rank1, [2.0, 3.0, 10.0, 11.0]);
+        let e = tp.export_kv_block(&cache, 1, 2, &mut out[1..]).unwrap_err().to_string();
+        assert!(e.contains("bytes"), "{e}");
+    }
+}
