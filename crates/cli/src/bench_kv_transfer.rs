@@ -50,7 +50,7 @@ mod gpu {
 
     use anyhow::{Context, Result, bail};
     use cleave_engine::backend::cuda::CudaBackend;
-    use cleave_engine::backend::{Backend, KvCacheExport, KvLayout};
+    use cleave_engine::backend::{Backend, KvCacheExport, KvLayout, KvShareKind};
     use cleave_engine::presets::resolve_model;
     use serde_json::json;
 
@@ -131,6 +131,7 @@ mod gpu {
         BufReader::new(child.stdout.take().context("child stdout")?).read_line(&mut line)?;
         let export: serde_json::Value = serde_json::from_str(&line).context("the child's pool export")?;
         let export = KvCacheExport {
+            kind: KvShareKind::CudaIpc,
             handle: serde_json::from_value(export["handle"].clone())?,
             layer_bytes: export["layer_bytes"].as_u64().context("layer_bytes")?,
             block_bytes: export["block_bytes"].as_u64().context("block_bytes")?,

@@ -53,7 +53,7 @@ enum Command {
     },
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct EngineArgs {
     /// A Hugging Face model directory or a preset (tiny, small, llama3-8b, llama3-70b, qwen2.5-7b).
     #[arg(long, default_value = "tiny")]
@@ -144,6 +144,13 @@ struct WorkerArgs {
     /// Decode role: prompts of at least this many tokens are prefilled remotely.
     #[arg(long, default_value_t = 512)]
     remote_prefill_tokens_min: usize,
+    /// Decode role: also run a prefill worker in this process (same model and backend; --colocated-prefill-device
+    /// picks its GPU) and link to it: KV is written straight into this worker's pool (the in-process transport).
+    #[arg(long)]
+    colocated_prefill: bool,
+    /// GPU of the colocated prefill worker (default: --device).
+    #[arg(long)]
+    colocated_prefill_device: Option<usize>,
     /// Decode role: short prompts are prefilled locally while more than this many tokens wait at the prefill worker.
     #[arg(long, default_value_t = cleave_worker::REMOTE_QUEUE_TOKENS_MAX_DEFAULT)]
     remote_queue_tokens_max: usize,
@@ -238,19 +245,67 @@ fn worker(args: WorkerArgs) -> Result<()> {
         });
         (Some(on_listening), Some(on_drain))
     };
+    let mut prefill_workers = args.prefill_worker;
+    if args.colocated_prefill {
+        if role != cleave_wire::Role::Decode {
+            bail!("--colocated-prefill is for decode workers (--role decode)");
+        }
+        let mut prefill_engine = args.engine.clone();
+        prefill_engine.device = args.colocated_prefill_device.unwrap_or(args.engine.device);
+        prefill_workers.push(start_colocated_prefill(prefill_engine)?);
+    }
     let worker_config = cleave_worker::WorkerConfig {
         role,
         listen: args.listen,
-        prefill_workers: args.prefill_worker,
+        prefill_workers,
         remote_prefill_tokens_min: args.remote_prefill_tokens_min,
         remote_queue_tokens_max: args.remote_queue_tokens_max,
         drain_on_stdin_eof: args.drain_on_stdin_eof,
+        announce: true,
         on_listening,
         on_drain,
     };
     with_engine!(&args.engine, resolved, config, |engine| {
         cleave_worker::serve(engine, worker_config).context("serving")
     })
+}
+
+/// Starts a prefill worker on a thread of this process, on loopback, and returns its address once it listens. It
+/// drains on SIGTERM/SIGINT like its decode partner and ends with the process.
+fn start_colocated_prefill(engine_args: EngineArgs) -> Result<String> {
+    let config = engine_config(&engine_args)?;
+    let (listening_tx, listening_rx) = std::sync::mpsc::sync_channel(1);
+    let on_listening: cleave_worker::Hook = Box::new(move |addr, _| {
+        let _ = listening_tx.send(addr);
+    });
+    let worker_config = cleave_worker::WorkerConfig {
+        role: cleave_wire::Role::Prefill,
+        listen: "127.0.0.1:0".parse().expect("a literal address"),
+        prefill_workers: Vec::new(),
+        remote_prefill_tokens_min: 0,
+        remote_queue_tokens_max: 0,
+        drain_on_stdin_eof: false,
+        announce: false,
+        on_listening: Some(on_listening),
+        on_drain: None,
+    };
+    let thread = std::thread::Builder::new().name("colocated-prefill".into());
+    thread.spawn(move || {
+        let served: Result<()> = (|| {
+            let resolved =
+                resolve_model(&engine_args.model).with_context(|| format!("loading model {:?}", engine_args.model))?;
+            with_engine!(&engine_args, resolved, config, |engine| {
+                cleave_worker::serve(engine, worker_config).context("serving")
+            })
+        })();
+        if let Err(e) = served {
+            eprintln!("error: the colocated prefill worker stopped: {e:#}");
+        }
+    })?;
+    let addr = listening_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the colocated prefill worker failed to start (see the error above)"))?;
+    Ok(addr.to_string())
 }
 
 /// Pins this process to `cpus` (threads started later inherit the mask) and sizes the compute thread pool to

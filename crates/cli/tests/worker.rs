@@ -324,6 +324,37 @@ async fn disaggregated_workers_give_the_aggregated_tokens() {
     );
 }
 
+/// Both roles in one process (`--colocated-prefill`): the prefill worker writes KV straight into the decode
+/// worker's pool (the in-process transport), and the tokens are the aggregated engine's.
+#[tokio::test]
+async fn a_colocated_prefill_worker_writes_kv_in_process_and_gives_the_aggregated_tokens() {
+    let decode = start_worker_with(&[
+        "--role",
+        "decode",
+        "--colocated-prefill",
+        "--remote-prefill-tokens-min",
+        "16",
+    ]);
+    decode.wait_for_log("linked to prefill worker").await;
+    assert_eq!(decode.log_count("KV in process"), 1, "{:?}", decode.log.lock().unwrap());
+    let mut conn = connect(&decode.addr).await;
+    let prompts = long_prompts();
+    send_all(&mut conn, &prompts, 10).await;
+    let done = collect(&mut conn, prompts.len()).await;
+    for ((id, tokens, _), p) in done.iter().zip(&prompts) {
+        assert_eq!(tokens, &in_process(p, 10), "request {id} ({} prompt tokens)", p.len());
+    }
+    assert_eq!(
+        decode.log_count("prefilled remotely"),
+        3,
+        "{:?}",
+        decode.log.lock().unwrap()
+    );
+    // The same pair in two processes moves KV over TCP.
+    let (_prefill, apart) = linked_pair("tiny").await;
+    assert_eq!(apart.log_count("KV over TCP"), 1, "{:?}", apart.log.lock().unwrap());
+}
+
 /// KV crosses between workers of different tensor-parallel layouts as whole blocks, resharded on the way in: the
 /// tokens are the one-rank aggregated engine's either way.
 #[tokio::test]

@@ -88,13 +88,20 @@ pub struct Hello {
     pub transport: Option<Transport>,
 }
 
-/// A decode worker's KV pool as same-host peers can map it (CUDA IPC).
+/// A decode worker's KV pool as peers can reach it: same-host processes through CUDA IPC, engines of the same
+/// process by address.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvPoolShare {
     /// Identifies the host (machine id and boot id): the handle means nothing elsewhere.
     pub host: String,
-    /// The backend's handle to the pool's allocation, hex.
+    /// The backend's CUDA IPC handle to the pool's allocation, hex; empty where the backend has none (the CPU).
     pub handle: String,
+    /// Identifies the process (pid and a random nonce): `in_process_handle` means nothing outside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
+    /// The pool's address in that process, hex (8 bytes, little endian).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_process_handle: Option<String>,
     pub layer_bytes: u64,
     pub block_bytes: u64,
     pub n_layers: u32,
@@ -108,6 +115,24 @@ pub enum Transport {
     Tcp,
     /// The prefill worker copies device to device into the decode worker's pool; only `prefill_done` crosses.
     CudaIpc,
+    /// Both workers live in one process: the prefill worker copies straight into the decode worker's pool (host or
+    /// device memory); only `prefill_done` crosses.
+    InProcess,
+}
+
+impl Transport {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Transport::Tcp => "over TCP",
+            Transport::CudaIpc => "over CUDA IPC",
+            Transport::InProcess => "in process",
+        }
+    }
+
+    /// Whether KV moves outside the link (only `prefill_done` crosses it).
+    pub fn is_direct(self) -> bool {
+        matches!(self, Transport::CudaIpc | Transport::InProcess)
+    }
 }
 
 /// Sampling and stopping, as the engine's `RequestParams`.

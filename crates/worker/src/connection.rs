@@ -82,22 +82,33 @@ async fn serve_connection(
                 peer, hello
             ));
         }
-        // A decode worker on this host offering its KV pool: map it, and tell it KV will move device to device.
+        // A decode worker in this process or on this host offering its KV pool: map it, and tell it KV will be
+        // written straight into it.
         let mut reply = hello.clone();
         if hello.role == Role::Prefill && peer.role == Role::Decode {
-            let ipc = match &peer.kv_share {
-                Some(share) if share.host == crate::host_id() => {
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    let open = Command::OpenPeer {
-                        conn,
-                        share: share.clone(),
-                        reply: tx,
-                    };
-                    inbox.try_send(open).is_ok() && rx.await.unwrap_or(false)
+            let offered = peer.kv_share.as_ref().and_then(|share| {
+                if share.process.as_deref() == Some(crate::process_id()) && share.in_process_handle.is_some() {
+                    Some((share, Transport::InProcess))
+                } else if share.host == crate::host_id() && !share.handle.is_empty() {
+                    Some((share, Transport::CudaIpc))
+                } else {
+                    None
                 }
-                _ => false,
-            };
-            reply.transport = Some(if ipc { Transport::CudaIpc } else { Transport::Tcp });
+            });
+            let mut transport = Transport::Tcp;
+            if let Some((share, direct)) = offered {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let open = Command::OpenPeer {
+                    conn,
+                    share: share.clone(),
+                    in_process: direct == Transport::InProcess,
+                    reply: tx,
+                };
+                if inbox.try_send(open).is_ok() && rx.await.unwrap_or(false) {
+                    transport = direct;
+                }
+            }
+            reply.transport = Some(transport);
         }
         outbox.send(Message::Hello(reply)).await.map_err(|e| e.to_string())?;
         while let Some(frame) = stream.next().await {

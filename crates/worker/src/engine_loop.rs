@@ -6,7 +6,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cleave_engine::backend::{Backend, KvCacheExport, PeerKvCache};
+use cleave_engine::backend::{Backend, KvCacheExport, KvShareKind, PeerKvCache};
 use cleave_engine::engine::{Engine, FinishReason, KvBlockChunk, RemotePrefill, RequestOutput, RequestParams};
 use cleave_engine::sampler::SamplingParams;
 use cleave_kv::KvEvent;
@@ -40,8 +40,8 @@ struct PendingRemote {
     tokens: usize,
     /// KV bytes the prefill worker sends.
     bytes: u64,
-    /// The prefill worker writes straight into this request's blocks (CUDA IPC).
-    ipc: bool,
+    /// The prefill worker writes straight into this request's blocks (CUDA IPC or in-process).
+    direct: bool,
     /// Cancelled while the prefill worker may still be writing into its blocks: they are freed only once it
     /// answers (or its link is gone), never handed to another request before.
     cancelled: bool,
@@ -51,7 +51,8 @@ struct PendingRemote {
 #[derive(Clone)]
 struct Link {
     outbox: mpsc::Sender<Message>,
-    ipc: bool,
+    /// KV moves outside the link (CUDA IPC or in-process).
+    direct: bool,
 }
 
 struct Subscriber {
@@ -192,7 +193,7 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                     if let Some(Some(link)) = self.links.get(&pending.link) {
                         let _ = link.outbox.try_send(Message::Cancel { id });
                     }
-                    if pending.ipc {
+                    if pending.direct {
                         // Its blocks may still be written by the prefill worker: free them when it answers.
                         pending.cancelled = true;
                         self.clients.remove(&id);
@@ -214,8 +215,13 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                     let _ = outbox.try_send(Message::Error { id: None, message });
                 }
             }
-            Command::OpenPeer { conn, share, reply } => {
-                let opened = self.open_peer(conn, &share);
+            Command::OpenPeer {
+                conn,
+                share,
+                in_process,
+                reply,
+            } => {
+                let opened = self.open_peer(conn, &share, in_process);
                 let _ = reply.send(opened);
             }
             Command::ClosePeer { conn } => {
@@ -223,8 +229,8 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                     self.engine.close_peer_kv_cache(peer);
                 }
             }
-            Command::PrefillLinkUp { addr, outbox, ipc } => {
-                self.links.insert(addr, Some(Link { outbox, ipc }));
+            Command::PrefillLinkUp { addr, outbox, direct } => {
+                self.links.insert(addr, Some(Link { outbox, direct }));
             }
             Command::PrefillLinkDown { addr } => {
                 if let Some(link) = self.links.get_mut(&addr) {
@@ -277,9 +283,9 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                 match self.engine.finish_remote_prefill(id, first_token) {
                     Ok(out) => {
                         let seconds = pending.sent_at.elapsed().as_secs_f64();
-                        tracing::info!(request = id, seconds, ipc = pending.ipc, "prefilled remotely");
+                        tracing::info!(request = id, seconds, direct = pending.direct, "prefilled remotely");
                         self.totals.kv_transfer_seconds += seconds;
-                        if pending.ipc {
+                        if pending.direct {
                             self.totals.kv_transfer_bytes += pending.bytes;
                         }
                         self.route(out);
@@ -438,7 +444,11 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
             n_cached_blocks: plan.n_cached_blocks as u32,
             n_blocks: plan.n_blocks as u32,
             params: params.clone(),
-            dst_blocks: if link.ipc { self.engine.parked_blocks(id) } else { None },
+            dst_blocks: if link.direct {
+                self.engine.parked_blocks(id)
+            } else {
+                None
+            },
         };
         if link.outbox.try_send(Message::PrefillRequest(request)).is_err() {
             self.totals.prefills_local += 1;
@@ -450,21 +460,30 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
             sent_at: Instant::now(),
             tokens: (plan.n_blocks - plan.n_cached_blocks) * self.engine.kv_layout().block_size,
             bytes,
-            ipc: link.ipc,
+            direct: link.direct,
             cancelled: false,
         };
         self.pending.insert(id, pending);
         Ok(())
     }
 
-    /// Prefill role: maps a same-host decode worker's KV pool. False (KV then moves over TCP) if it cannot.
-    fn open_peer(&mut self, conn: u64, share: &KvPoolShare) -> bool {
-        let handle: Option<Vec<u8>> = (0..share.handle.len())
+    /// Prefill role: maps a decode worker's KV pool, by address when it lives in this process, else through CUDA
+    /// IPC. False (KV then moves over TCP) if it cannot.
+    fn open_peer(&mut self, conn: u64, share: &KvPoolShare, in_process: bool) -> bool {
+        let (kind, hex) = match in_process {
+            true => (
+                KvShareKind::InProcess,
+                share.in_process_handle.as_deref().unwrap_or_default(),
+            ),
+            false => (KvShareKind::CudaIpc, share.handle.as_str()),
+        };
+        let handle: Option<Vec<u8>> = (0..hex.len())
             .step_by(2)
-            .map(|i| share.handle.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
             .collect();
         let Some(handle) = handle else { return false };
         let export = KvCacheExport {
+            kind,
             handle,
             layer_bytes: share.layer_bytes,
             block_bytes: share.block_bytes,
@@ -472,7 +491,11 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
         };
         match self.engine.open_peer_kv_cache(&export) {
             Ok(peer) => {
-                tracing::info!(conn, "mapped a decode worker's KV pool: KV moves device to device");
+                tracing::info!(
+                    conn,
+                    in_process,
+                    "mapped a decode worker's KV pool: KV is written straight into it"
+                );
                 if let Some(old) = self.peers.insert(conn, peer) {
                     self.engine.close_peer_kv_cache(old);
                 }

@@ -23,6 +23,7 @@ mod connection;
 mod engine_loop;
 mod prefill_link;
 
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::mpsc::{SyncSender, sync_channel};
 
@@ -64,6 +65,9 @@ pub struct WorkerConfig {
     pub remote_queue_tokens_max: usize,
     /// Drain when stdin closes: set by a supervisor (`cleave serve`) so workers never outlive it.
     pub drain_on_stdin_eof: bool,
+    /// Print `listening on ADDR` on stdout once ready (what supervisors and tests read). Off for a second worker of
+    /// the same process, whose address its partner learns from `on_listening`.
+    pub announce: bool,
     pub on_listening: Option<Hook>,
     pub on_drain: Option<Hook>,
 }
@@ -94,16 +98,18 @@ enum Command {
     OpenPeer {
         conn: u64,
         share: KvPoolShare,
+        /// By address (same process) rather than through its CUDA IPC handle.
+        in_process: bool,
         reply: tokio::sync::oneshot::Sender<bool>,
     },
     ClosePeer {
         conn: u64,
     },
-    /// Decode role, from the link to the prefill worker at `addr`; `ipc`: it writes KV straight into our pool.
+    /// Decode role, from the link to the prefill worker at `addr`; `direct`: it writes KV straight into our pool.
     PrefillLinkUp {
         addr: String,
         outbox: mpsc::Sender<Message>,
-        ipc: bool,
+        direct: bool,
     },
     PrefillLinkDown {
         addr: String,
@@ -136,7 +142,7 @@ fn compatible(a: &Hello, b: &Hello) -> bool {
         && a.kv_block_bytes == b.kv_block_bytes
 }
 
-/// Serves until drained. Prints `listening on ADDR` (with the bound port) once ready.
+/// Serves until drained. Prints `listening on ADDR` (with the bound port) once ready, if `config.announce`.
 pub fn serve<B: Backend>(mut engine: Engine<B>, mut config: WorkerConfig) -> std::io::Result<()> {
     if config.role == Role::Frontend {
         return Err(std::io::Error::other(
@@ -150,17 +156,10 @@ pub fn serve<B: Backend>(mut engine: Engine<B>, mut config: WorkerConfig) -> std
         block_size: engine.kv_layout().block_size as u32,
         n_layers: engine.kv_layout().n_layers as u32,
         kv_block_bytes: engine.kv_block_bytes() as u64,
-        // CLEAVE_KV_TRANSPORT=tcp keeps KV on TCP even where CUDA IPC would work (to measure one against the other).
+        // CLEAVE_KV_TRANSPORT=tcp keeps KV on TCP even where CUDA IPC or in-process copies would work (to measure
+        // one against the other).
         kv_share: match config.role {
-            Role::Decode if std::env::var("CLEAVE_KV_TRANSPORT").as_deref() != Ok("tcp") => {
-                engine.export_kv_cache().map(|e| KvPoolShare {
-                    host: host_id(),
-                    handle: e.handle.iter().map(|b| format!("{b:02x}")).collect(),
-                    layer_bytes: e.layer_bytes,
-                    block_bytes: e.block_bytes,
-                    n_layers: e.n_layers,
-                })
-            }
+            Role::Decode if std::env::var("CLEAVE_KV_TRANSPORT").as_deref() != Ok("tcp") => kv_pool_share(&engine),
             _ => None,
         },
         transport: None,
@@ -171,7 +170,9 @@ pub fn serve<B: Backend>(mut engine: Engine<B>, mut config: WorkerConfig) -> std
         .build()?;
     let listener = runtime.block_on(TcpListener::bind(config.listen))?;
     let addr = listener.local_addr()?;
-    println!("listening on {addr}");
+    if config.announce {
+        println!("listening on {addr}");
+    }
     let (inbox_tx, inbox_rx) = sync_channel::<Command>(INBOX_MAX);
     let cancelled = connection::CancelledPrefills::default();
     runtime.spawn(connection::accept_loop(
@@ -191,6 +192,7 @@ pub fn serve<B: Backend>(mut engine: Engine<B>, mut config: WorkerConfig) -> std
         let handle = runtime.handle().clone();
         Box::new(move || hook(addr, &handle)) as Box<dyn FnOnce()>
     });
+    let shared_in_process = hello.kv_share.as_ref().is_some_and(|s| s.in_process_handle.is_some());
     engine_loop::EngineLoop::new(
         &mut engine,
         &config,
@@ -200,7 +202,37 @@ pub fn serve<B: Backend>(mut engine: Engine<B>, mut config: WorkerConfig) -> std
         inbox_tx,
     )
     .run(inbox_rx, on_drain);
+    if shared_in_process {
+        // A prefill worker of this process may still hold the pool's address (a copy in flight when the link
+        // dropped): the memory stays allocated until the process exits.
+        std::mem::forget(engine);
+    }
     Ok(())
+}
+
+/// A decode engine's pool as peers may reach it: through CUDA IPC from this host, by address from this process.
+fn kv_pool_share<B: Backend>(engine: &Engine<B>) -> Option<KvPoolShare> {
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let (ipc, local) = (engine.export_kv_cache(), engine.export_kv_cache_in_process());
+    let geometry = ipc.as_ref().or(local.as_ref())?;
+    Some(KvPoolShare {
+        host: host_id(),
+        handle: ipc.as_ref().map(|e| hex(&e.handle)).unwrap_or_default(),
+        process: local.as_ref().map(|_| process_id().to_string()),
+        in_process_handle: local.as_ref().map(|e| hex(&e.handle)),
+        layer_bytes: geometry.layer_bytes,
+        block_bytes: geometry.block_bytes,
+        n_layers: geometry.n_layers,
+    })
+}
+
+/// Identifies this process for the in-process transport: the pid and a random nonce (pids are reused).
+pub(crate) fn process_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let nonce = std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now());
+        format!("{}-{nonce:016x}", std::process::id())
+    })
 }
 
 /// Identifies this host for same-host transports: a CUDA IPC handle only means something to processes on the machine

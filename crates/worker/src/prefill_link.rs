@@ -44,9 +44,9 @@ async fn link_once(addr: &str, inbox: &SyncSender<Command>, hello: &Hello) -> Re
     sink.send(Message::Hello(hello.clone()))
         .await
         .map_err(|e| e.to_string())?;
-    let ipc = match stream.next().await {
+    let transport = match stream.next().await {
         Some(Ok(Message::Hello(peer))) if peer.role == Role::Prefill && compatible(hello, &peer) => {
-            peer.transport == Some(Transport::CudaIpc)
+            peer.transport.unwrap_or(Transport::Tcp)
         }
         other => {
             return Err(format!(
@@ -54,14 +54,14 @@ async fn link_once(addr: &str, inbox: &SyncSender<Command>, hello: &Hello) -> Re
             ));
         }
     };
-    let transport = if ipc { "CUDA IPC" } else { "TCP" };
+
     let handshake_ms = started.elapsed().as_secs_f64() * 1e3;
-    tracing::info!(%addr, handshake_ms, "linked to prefill worker, KV over {transport}");
+    tracing::info!(%addr, handshake_ms, "linked to prefill worker, KV {}", transport.describe());
     let (outbox, mut outbox_rx) = mpsc::channel::<Message>(OUTBOX_MAX);
     let up = Command::PrefillLinkUp {
         addr: addr.to_string(),
         outbox,
-        ipc,
+        direct: transport.is_direct(),
     };
     inbox.send(up).map_err(|e| e.to_string())?;
     loop {

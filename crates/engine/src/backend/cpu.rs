@@ -12,7 +12,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use super::{AttentionShape, Backend, KvLayout, StepBatch};
+use super::{AttentionShape, Backend, KvCacheExport, KvLayout, KvShareKind, PeerKvCache, StepBatch};
 use crate::error::{Error, Result};
 use crate::rope::Rope;
 use crate::weights::{HostData, HostTensor};
@@ -55,10 +55,27 @@ impl CpuWeight {
     }
 }
 
-/// One f32 buffer per layer, laid out as [`KvLayout`] describes.
+/// One f32 buffer, layer after layer, each laid out as [`KvLayout`] describes. One allocation, so that a peer in
+/// this process can address any block from its start (the in-process transport).
 pub struct CpuKvCache {
     pub layout: KvLayout,
-    pub layers: Vec<Vec<f32>>,
+    pub pool: Vec<f32>,
+}
+
+impl CpuKvCache {
+    fn layer_elems(&self) -> usize {
+        self.layout.n_blocks * self.layout.block_elems()
+    }
+
+    pub fn layer(&self, layer_idx: usize) -> &[f32] {
+        let n = self.layer_elems();
+        &self.pool[layer_idx * n..(layer_idx + 1) * n]
+    }
+
+    fn layer_mut(&mut self, layer_idx: usize) -> &mut [f32] {
+        let n = self.layer_elems();
+        &mut self.pool[layer_idx * n..(layer_idx + 1) * n]
+    }
 }
 
 impl Backend for CpuBackend {
@@ -97,23 +114,18 @@ impl Backend for CpuBackend {
                 backend: "cpu",
                 message: format!("KV cache of {} blocks overflows", layout.n_blocks),
             })?;
-        let mut layers = Vec::with_capacity(layout.n_layers);
-        for _ in 0..layout.n_layers {
-            let mut buf = Vec::new();
-            buf.try_reserve_exact(per_layer).map_err(|_| Error::Backend {
-                backend: "cpu",
-                message: format!(
-                    "cannot allocate a KV cache of {} MiB; lower --kv-cache-mib",
-                    (per_layer * 4 * layout.n_layers) >> 20
-                ),
-            })?;
-            buf.resize(per_layer, 0.0);
-            layers.push(buf);
-        }
-        Ok(CpuKvCache {
-            layout: *layout,
-            layers,
-        })
+        let too_big = || Error::Backend {
+            backend: "cpu",
+            message: format!(
+                "cannot allocate a KV cache of {} MiB; lower --kv-cache-mib",
+                (per_layer.saturating_mul(4 * layout.n_layers)) >> 20
+            ),
+        };
+        let total = per_layer.checked_mul(layout.n_layers).ok_or_else(too_big)?;
+        let mut pool = Vec::new();
+        pool.try_reserve_exact(total).map_err(|_| too_big())?;
+        pool.resize(total, 0.0);
+        Ok(CpuKvCache { layout: *layout, pool })
     }
 
     fn batch(&self, step: &StepBatch) -> Result<StepBatch> {
@@ -222,7 +234,7 @@ impl Backend for CpuBackend {
             });
         let layout = cache.layout;
         let bs = layout.block_size;
-        let layer = &mut cache.layers[layer_idx];
+        let layer = cache.layer_mut(layer_idx);
         for (t, row) in rows.chunks_exact(qkv.cols).enumerate() {
             q.data[t * q_dim..(t + 1) * q_dim].copy_from_slice(&row[..q_dim]);
             let slot = batch.slots[t] as usize;
@@ -246,7 +258,7 @@ impl Backend for CpuBackend {
         let layout = cache.layout;
         let (bs, kv_dim, hd) = (layout.block_size, layout.kv_dim(), shape.head_dim);
         let group = shape.n_heads / shape.n_kv_heads;
-        let layer = &cache.layers[layer_idx];
+        let layer = cache.layer(layer_idx);
         let mut row_seq = vec![0usize; q.rows];
         for (s, seq) in batch.seqs.iter().enumerate() {
             row_seq[seq.q_start as usize..(seq.q_start + seq.q_len) as usize].fill(s);
@@ -318,7 +330,7 @@ impl Backend for CpuBackend {
 
     fn export_kv_block(&self, cache: &CpuKvCache, layer_idx: usize, block: u32, dst: &mut [u8]) -> Result<()> {
         let src = block_range(cache, layer_idx, block, dst.len())?;
-        for (d, s) in dst.chunks_exact_mut(4).zip(&cache.layers[layer_idx][src]) {
+        for (d, s) in dst.chunks_exact_mut(4).zip(&cache.layer(layer_idx)[src]) {
             d.copy_from_slice(&s.to_le_bytes());
         }
         Ok(())
@@ -326,8 +338,74 @@ impl Backend for CpuBackend {
 
     fn import_kv_block(&self, cache: &mut CpuKvCache, layer_idx: usize, block: u32, src: &[u8]) -> Result<()> {
         let dst = block_range(cache, layer_idx, block, src.len())?;
-        for (d, s) in cache.layers[layer_idx][dst].iter_mut().zip(src.chunks_exact(4)) {
+        for (d, s) in cache.layer_mut(layer_idx)[dst].iter_mut().zip(src.chunks_exact(4)) {
             *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+        }
+        Ok(())
+    }
+
+    fn export_kv_cache_in_process(&self, cache: &CpuKvCache) -> Option<KvCacheExport> {
+        let layout = cache.layout;
+        Some(KvCacheExport {
+            kind: KvShareKind::InProcess,
+            handle: (cache.pool.as_ptr() as u64).to_le_bytes().to_vec(),
+            layer_bytes: (cache.layer_elems() * 4) as u64,
+            block_bytes: (layout.block_elems() * 4) as u64,
+            n_layers: layout.n_layers as u32,
+        })
+    }
+
+    fn open_peer_kv_cache(&self, export: &KvCacheExport) -> Result<PeerKvCache> {
+        match (export.kind, <[u8; 8]>::try_from(export.handle.as_slice())) {
+            (KvShareKind::InProcess, Ok(address)) => Ok(PeerKvCache {
+                kind: KvShareKind::InProcess,
+                base: u64::from_le_bytes(address),
+                layer_bytes: export.layer_bytes,
+                block_bytes: export.block_bytes,
+                n_layers: export.n_layers,
+            }),
+            _ => Err(Error::Backend {
+                backend: "cpu",
+                message: "the CPU backend reaches another KV cache only inside its own process".into(),
+            }),
+        }
+    }
+
+    fn copy_kv_blocks_to_peer(
+        &self,
+        cache: &CpuKvCache,
+        peer: &PeerKvCache,
+        layer_idx: usize,
+        blocks: &[(u32, u32)],
+    ) -> Result<()> {
+        let elems = cache.layout.block_elems();
+        let peer_blocks = peer.layer_bytes / peer.block_bytes.max(1);
+        if peer.kind != KvShareKind::InProcess
+            || peer.block_bytes != (elems * 4) as u64
+            || layer_idx >= peer.n_layers as usize
+        {
+            return Err(Error::Backend {
+                backend: "cpu",
+                message: format!(
+                    "the peer's KV cache ({} layers of {}-byte blocks) does not match this one's",
+                    peer.n_layers, peer.block_bytes
+                ),
+            });
+        }
+        let src_layer = cache.layer(layer_idx);
+        for &(src, dst) in blocks {
+            if src as usize >= cache.layout.n_blocks || dst as u64 >= peer_blocks {
+                return Err(Error::Backend {
+                    backend: "cpu",
+                    message: format!("KV block {src} → peer block {dst} is out of range"),
+                });
+            }
+            let from = &src_layer[src as usize * elems..][..elems];
+            let to = peer.base + layer_idx as u64 * peer.layer_bytes + dst as u64 * peer.block_bytes;
+            // SAFETY: `peer.base` is the start of a live CpuKvCache of this process (its decode worker keeps it
+            // alive for the process's life once exported) and the range is inside it (checked above). The block
+            // belongs to the request being prefilled, which the owner does not touch until told it is done.
+            unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), to as *mut f32, elems) };
         }
         Ok(())
     }

@@ -16,11 +16,22 @@ use crate::rope::Rope;
 use crate::sampler::SampleRow;
 use crate::weights::HostTensor;
 
-/// A KV cache as exported for peer processes on the same host (CUDA IPC): the handle of its one allocation and the
-/// geometry to find a block of a layer in it. Peers must run the same model (same layers and block bytes).
+/// How a peer reaches an exported KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvShareKind {
+    /// Another process on the same host, through a CUDA IPC handle.
+    CudaIpc,
+    /// Another engine in the same process, by address (host memory on the CPU, a device pointer on a GPU).
+    InProcess,
+}
+
+/// A KV cache as exported for peers (another process on the same host, or another engine in this process): the
+/// handle of its one allocation and the geometry to find a block of a layer in it. Peers must run the same model
+/// (same layers and block bytes).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvCacheExport {
-    /// The backend's handle to the allocation (a `CUipcMemHandle`, 64 bytes).
+    pub kind: KvShareKind,
+    /// The backend's handle to the allocation: a `CUipcMemHandle` (64 bytes), or the address (8 bytes, little endian).
     pub handle: Vec<u8>,
     /// Bytes from one layer to the next.
     pub layer_bytes: u64,
@@ -32,6 +43,7 @@ pub struct KvCacheExport {
 /// A peer's KV cache mapped into this process (see [`Backend::open_peer_kv_cache`]).
 #[derive(Debug)]
 pub struct PeerKvCache {
+    pub kind: KvShareKind,
     /// Where the peer's cache starts in this process's address space.
     pub base: u64,
     pub layer_bytes: u64,
@@ -228,7 +240,13 @@ pub trait Backend: Send + Sync {
         None
     }
 
-    /// Opens a peer process's KV cache from its export, for [`Backend::copy_kv_blocks_to_peer`].
+    /// This KV cache as another engine of this process can reach it (the in-process transport), or `None`. The
+    /// cache must then stay allocated for the rest of the process: a peer may hold its address.
+    fn export_kv_cache_in_process(&self, _cache: &Self::KvCache) -> Option<KvCacheExport> {
+        None
+    }
+
+    /// Opens a peer's KV cache from its export, for [`Backend::copy_kv_blocks_to_peer`].
     fn open_peer_kv_cache(&self, _export: &KvCacheExport) -> Result<PeerKvCache> {
         Err(crate::error::Error::Backend {
             backend: "this",

@@ -474,7 +474,7 @@ mod tests {
         tp.export_kv_block(&cache, 1, 2, &mut out).unwrap();
         assert_eq!(out, block);
         // Rank 1 holds head 1 of every token: elements 2..4 of each 8-element row.
-        let rank1 = &cache.ranks[1].layers[1][2 * layout.block_elems() / 4..][..4];
+        let rank1 = &cache.ranks[1].layer(1)[2 * layout.block_elems() / 4..][..4];
         assert_eq!(rank1, [2.0, 3.0, 10.0, 11.0]);
         let e = tp.export_kv_block(&cache, 1, 2, &mut out[1..]).unwrap_err().to_string();
         assert!(e.contains("bytes"), "{e}");

@@ -73,6 +73,12 @@ impl<B: Backend> Engine<B> {
         self.backend.export_kv_cache(&self.cache)
     }
 
+    /// Decode side: this engine's KV cache as another engine of this process can write into it. The engine must
+    /// then not be dropped before the process ends (a peer may hold the address).
+    pub fn export_kv_cache_in_process(&self) -> Option<KvCacheExport> {
+        self.backend.export_kv_cache_in_process(&self.cache)
+    }
+
     /// Prefill side: maps a decode engine's exported cache, to write remote prefills straight into it.
     pub fn open_peer_kv_cache(&self, export: &KvCacheExport) -> Result<PeerKvCache> {
         if export.n_layers as usize != self.layout.n_layers

@@ -20,7 +20,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{AttentionShape, Backend, KvCacheExport, KvLayout, PeerKvCache, SeqSlice, StepBatch};
+use super::{AttentionShape, Backend, KvCacheExport, KvLayout, KvShareKind, PeerKvCache, SeqSlice, StepBatch};
 use crate::config::{DType, ModelConfig};
 use crate::error::{Error, Result};
 use crate::rope::Rope;
@@ -760,6 +760,52 @@ impl CudaBackend {
         }
         self.synchronize()?;
         Ok(2.0 * bytes as f64 * reps as f64 / start.elapsed().as_secs_f64() / 1e9)
+    }
+
+    /// Another engine's KV pool in this process, by its device pointer: when it lives on another GPU, this context
+    /// is given peer access to that GPU's context (found from the pointer) so that the copy kernel can store into it.
+    fn open_in_process_peer(&self, export: &KvCacheExport) -> Result<PeerKvCache> {
+        use cudarc::driver::sys;
+        let address: [u8; 8] = export.handle.as_slice().try_into().map_err(|_| {
+            err(format!(
+                "an in-process KV handle has 8 bytes, not {}",
+                export.handle.len()
+            ))
+        })?;
+        let base = u64::from_le_bytes(address);
+        driver("bind context", self.ctx.bind_to_thread())?;
+        let mut owner: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: `owner` receives the context that allocated `base`; an unknown pointer is reported, not read.
+        let status = unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut owner as *mut sys::CUcontext).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_CONTEXT,
+                base,
+            )
+        };
+        if status != sys::CUresult::CUDA_SUCCESS {
+            return Err(err(format!(
+                "the in-process KV pool's address is not GPU memory: {status:?}"
+            )));
+        }
+        if owner != self.ctx.cu_ctx() {
+            // SAFETY: both contexts are alive (the peer's pool is); enabling twice is reported and harmless.
+            match unsafe { sys::cuCtxEnablePeerAccess(owner, 0) } {
+                sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
+                other => {
+                    return Err(err(format!(
+                        "enabling peer access to the in-process KV pool: {other:?}"
+                    )));
+                }
+            }
+        }
+        Ok(PeerKvCache {
+            kind: KvShareKind::InProcess,
+            base,
+            layer_bytes: export.layer_bytes,
+            block_bytes: export.block_bytes,
+            n_layers: export.n_layers,
+        })
     }
 
     /// Measures the link to `peer`'s GPU with cuMemcpyPeer of `bytes` from here to there, in GB/s (the ceiling KV
@@ -1852,7 +1898,18 @@ impl Backend for CudaBackend {
             return None;
         }
         Some(KvCacheExport {
+            kind: KvShareKind::CudaIpc,
             handle: handle.reserved.iter().map(|&c| c as u8).collect(),
+            layer_bytes: cache.layer_bytes as u64,
+            block_bytes: self.kv_block_bytes(&cache.layout) as u64,
+            n_layers: cache.layout.n_layers as u32,
+        })
+    }
+
+    fn export_kv_cache_in_process(&self, cache: &CudaKvCache) -> Option<KvCacheExport> {
+        Some(KvCacheExport {
+            kind: KvShareKind::InProcess,
+            handle: cache.pool.ptr.to_le_bytes().to_vec(),
             layer_bytes: cache.layer_bytes as u64,
             block_bytes: self.kv_block_bytes(&cache.layout) as u64,
             n_layers: cache.layout.n_layers as u32,
@@ -1861,6 +1918,9 @@ impl Backend for CudaBackend {
 
     fn open_peer_kv_cache(&self, export: &KvCacheExport) -> Result<PeerKvCache> {
         use cudarc::driver::sys;
+        if export.kind == KvShareKind::InProcess {
+            return self.open_in_process_peer(export);
+        }
         let mut handle = sys::CUipcMemHandle { reserved: [0; 64] };
         if export.handle.len() != handle.reserved.len() {
             return Err(err(format!(
@@ -1881,6 +1941,7 @@ impl Backend for CudaBackend {
             return Err(err(format!("opening the peer's KV pool through CUDA IPC: {status:?}")));
         }
         Ok(PeerKvCache {
+            kind: KvShareKind::CudaIpc,
             base,
             layer_bytes: export.layer_bytes,
             block_bytes: export.block_bytes,
@@ -1897,8 +1958,10 @@ impl Backend for CudaBackend {
     fn close_peer_kv_cache(&self, peer: PeerKvCache) {
         let _ = self.synchronize();
         let _ = self.finish_peer_copies();
-        // SAFETY: base came from cuIpcOpenMemHandle and no copy into it is pending (synchronised above).
-        let _ = unsafe { cudarc::driver::sys::cuIpcCloseMemHandle(peer.base) };
+        if peer.kind == KvShareKind::CudaIpc {
+            // SAFETY: base came from cuIpcOpenMemHandle and no copy into it is pending (synchronised above).
+            let _ = unsafe { cudarc::driver::sys::cuIpcCloseMemHandle(peer.base) };
+        }
     }
 
     fn copy_kv_blocks_to_peer(
