@@ -228,7 +228,18 @@ async fn worker_streams_the_same_tokens_as_the_engine_and_survives_bad_clients()
     .await
     .unwrap();
     match conn.next().await {
-        Some(Ok(Message::Error { id: Some(7), message })) => assert!(message.contains("vocabulary"), "{message}"),
+        Some(Ok(Message::Error {
+            id: Some(7),
+            kind,
+            message,
+        })) => {
+            assert!(message.contains("vocabulary"), "{message}");
+            assert_eq!(
+                kind,
+                cleave_wire::ErrorKind::InvalidRequest,
+                "the client's fault, marked so"
+            );
+        }
         other => panic!("expected an error for request 7, got {other:?}"),
     }
     conn.send(Message::Generate(Generate {

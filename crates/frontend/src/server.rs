@@ -13,7 +13,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cleave_wire::{Tokens, WireParams};
+use cleave_wire::{ErrorKind, Tokens, WireParams};
 use futures::Stream;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -400,14 +400,8 @@ async fn start(
             }
         };
         match stream.next().await {
-            Some(WorkerEvent::Failed {
-                message,
-                retryable: true,
-            }) => last_error = message,
-            Some(WorkerEvent::Failed {
-                message,
-                retryable: false,
-            }) => return Err(worker_error(message)),
+            Some(WorkerEvent::Failed { message, kind }) if kind.is_retryable() => last_error = message,
+            Some(WorkerEvent::Failed { message, kind }) => return Err(worker_error(message, kind)),
             Some(first) => return Ok((stream, first)),
             None => last_error = format!("worker {} dropped the request", stream.worker),
         }
@@ -418,20 +412,12 @@ async fn start(
     ))
 }
 
-/// A worker's refusal before any token: the engine's validation errors are the client's fault.
-fn worker_error(message: String) -> ApiError {
-    let client_fault = [
-        "too long",
-        "out of vocab",
-        "outside the vocab",
-        "exceeds",
-        "invalid",
-        "larger than",
-    ];
-    if client_fault.iter().any(|needle| message.contains(needle)) {
-        ApiError::bad_request(message)
-    } else {
-        ApiError::new(StatusCode::BAD_GATEWAY, message)
+/// A worker's refusal before any token, by its kind: the engine's validation errors are the client's fault.
+fn worker_error(message: String, kind: ErrorKind) -> ApiError {
+    match kind {
+        ErrorKind::InvalidRequest => ApiError::bad_request(message),
+        ErrorKind::Overloaded | ErrorKind::Draining => ApiError::unavailable(StatusCode::SERVICE_UNAVAILABLE, message),
+        ErrorKind::Internal => ApiError::new(StatusCode::BAD_GATEWAY, message),
     }
 }
 

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use cleave_kv::{BlockHash, KvEvent};
 use cleave_router::{Router, RouterConfig, WorkerId, WorkerLoad};
-use cleave_wire::{FrameCodec, Generate, Hello, Message, Role, Tokens, WireKvEvent, WireParams, WorkerStatus};
+use cleave_wire::{
+    ErrorKind, FrameCodec, Generate, Hello, Message, Role, Tokens, WireKvEvent, WireParams, WorkerStatus,
+};
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -32,10 +34,11 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub enum WorkerEvent {
     Tokens(Tokens),
-    /// The request failed; `retryable` when another worker may well succeed (overloaded, draining, gone).
+    /// The request failed; `kind` says whether it was the request's fault and whether another worker may well
+    /// succeed ([`ErrorKind::is_retryable`]).
     Failed {
         message: String,
-        retryable: bool,
+        kind: ErrorKind,
     },
 }
 
@@ -337,7 +340,7 @@ fn disconnected(shared: &Shared, state: &mut PoolState, id: WorkerId, (addr, rol
         let message = format!("{} worker {addr} failed: {reason}", role.as_str());
         let _ = request.events.try_send(WorkerEvent::Failed {
             message,
-            retryable: false,
+            kind: ErrorKind::Internal,
         });
     }
     shared.metrics.worker_down(addr, role.as_str());
@@ -390,13 +393,12 @@ async fn connect_once(shared: &Shared, id: WorkerId, addr: &str, role: Role) -> 
                 None => return Ok(()),
                 Some(Err(e)) => return Err(e.to_string()),
                 Some(Ok(Message::Tokens(tokens))) => deliver(shared, tokens),
-                Some(Ok(Message::Error { id: Some(rid), message })) => {
+                Some(Ok(Message::Error { id: Some(rid), kind, message })) => {
                     if let Some(request) = shared.lock().requests.remove(&rid) {
-                        let retryable = message.starts_with(cleave_wire::DRAINING) || message.contains("overloaded");
-                        let _ = request.events.try_send(WorkerEvent::Failed { message, retryable });
+                        let _ = request.events.try_send(WorkerEvent::Failed { message, kind });
                     }
                 }
-                Some(Ok(Message::Error { id: None, message })) => return Err(message),
+                Some(Ok(Message::Error { id: None, message, .. })) => return Err(message),
                 Some(Ok(Message::WorkerStatus(status))) => {
                     shared.metrics.worker_status(addr, role_label, &status);
                     apply_status(shared, id, status);

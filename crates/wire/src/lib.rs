@@ -273,6 +273,7 @@ pub enum Message {
     /// A request failed (`id`) or the peer is about to close the connection (`None`).
     Error {
         id: Option<u64>,
+        kind: ErrorKind,
         message: String,
     },
     PrefillRequest(PrefillRequest),
@@ -375,7 +376,32 @@ struct CancelBody {
 #[derive(Serialize, Deserialize)]
 struct ErrorBody {
     id: Option<u64>,
+    /// Absent from peers that predate it: read as `internal`.
+    #[serde(default)]
+    kind: ErrorKind,
     message: String,
+}
+
+/// What an `error` reports, so that a frontend answers with the right status without reading the message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request cannot be served as sent (prompt over the context, token id out of the vocabulary...).
+    InvalidRequest,
+    /// The worker cannot take more work now; another worker, or a later try, may.
+    Overloaded,
+    /// The worker is shutting down and takes no new requests; another worker should.
+    Draining,
+    /// Anything else: the worker's or the engine's fault.
+    #[default]
+    Internal,
+}
+
+impl ErrorKind {
+    /// Whether another worker may well succeed where this one refused.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorKind::Overloaded | ErrorKind::Draining)
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -447,6 +473,7 @@ impl Decoder for FrameCodec {
                 let b: ErrorBody = json("error", &payload)?;
                 Message::Error {
                     id: b.id,
+                    kind: b.kind,
                     message: b.message,
                 }
             }
@@ -514,7 +541,10 @@ impl Encoder<Message> for FrameCodec {
             Message::Generate(m) => (Kind::Generate, to_json(serde_json::to_vec(&m))?),
             Message::Tokens(m) => (Kind::Tokens, to_json(serde_json::to_vec(&m))?),
             Message::Cancel { id } => (Kind::Cancel, to_json(serde_json::to_vec(&CancelBody { id }))?),
-            Message::Error { id, message } => (Kind::Error, to_json(serde_json::to_vec(&ErrorBody { id, message }))?),
+            Message::Error { id, kind, message } => (
+                Kind::Error,
+                to_json(serde_json::to_vec(&ErrorBody { id, kind, message }))?,
+            ),
             Message::PrefillRequest(m) => (Kind::PrefillRequest, to_json(serde_json::to_vec(&m))?),
             Message::PrefillDone { id, first_token } => (
                 Kind::PrefillDone,

@@ -57,7 +57,13 @@ fn all_messages() -> Vec<Message> {
         Message::Cancel { id: 9 },
         Message::Error {
             id: None,
+            kind: ErrorKind::Draining,
             message: "shutting down".into(),
+        },
+        Message::Error {
+            id: Some(3),
+            kind: ErrorKind::InvalidRequest,
+            message: "prompt too long".into(),
         },
         Message::PrefillRequest(PrefillRequest {
             id: 4,
@@ -273,6 +279,7 @@ async fn a_server_survives_a_garbage_connection_and_serves_the_next() {
                         let _ = framed
                             .send(Message::Error {
                                 id: None,
+                                kind: ErrorKind::Internal,
                                 message: e.to_string(),
                             })
                             .await;
@@ -289,7 +296,9 @@ async fn a_server_survives_a_garbage_connection_and_serves_the_next() {
     bad.write_all(b"\x00\x01garbage garbage garbage").await.unwrap();
     let mut bad = Framed::new(bad, FrameCodec::default());
     match bad.next().await {
-        Some(Ok(Message::Error { id: None, message })) => assert!(message.contains("not a cleave stream"), "{message}"),
+        Some(Ok(Message::Error { id: None, message, .. })) => {
+            assert!(message.contains("not a cleave stream"), "{message}")
+        }
         other => panic!("expected an error frame, got {other:?}"),
     }
 

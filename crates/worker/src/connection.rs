@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 
-use cleave_wire::{FrameCodec, Generate, Hello, Message, Role, Transport};
+use cleave_wire::{ErrorKind, FrameCodec, Generate, Hello, Message, Role, Transport};
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -150,6 +150,7 @@ async fn serve_connection(
         let _ = outbox
             .send(Message::Error {
                 id: None,
+                kind: ErrorKind::Internal,
                 message: e.clone(),
             })
             .await;
@@ -186,6 +187,7 @@ async fn submit(
         Err(TrySendError::Full(_)) => outbox
             .send(Message::Error {
                 id: Some(g.id),
+                kind: ErrorKind::Overloaded,
                 message: format!("worker overloaded: {INBOX_MAX} commands queued"),
             })
             .await

@@ -11,7 +11,7 @@ use cleave_engine::engine::{Engine, FinishReason, KvBlockChunk, RemotePrefill, R
 use cleave_engine::sampler::SamplingParams;
 use cleave_kv::KvEvent;
 use cleave_wire::{
-    DRAINING, Hello, KvChunk, KvPoolShare, Message, PrefillRequest, Role, Tokens, WireKvEvent, WireParams,
+    DRAINING, ErrorKind, Hello, KvChunk, KvPoolShare, Message, PrefillRequest, Role, Tokens, WireKvEvent, WireParams,
     WorkerStatus, WorkerTotals,
 };
 use tokio::sync::mpsc;
@@ -167,6 +167,7 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                     self.engine.cancel(id);
                     let _ = client.outbox.try_send(Message::Error {
                         id: Some(client.client_id),
+                        kind: ErrorKind::Internal,
                         message: e.to_string(),
                     });
                 }
@@ -212,7 +213,11 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                     self.last_status = None; // send the newcomer its snapshot now
                 } else {
                     let message = format!("{SUBSCRIBERS_MAX} status subscribers already");
-                    let _ = outbox.try_send(Message::Error { id: None, message });
+                    let _ = outbox.try_send(Message::Error {
+                        id: None,
+                        kind: ErrorKind::Overloaded,
+                        message,
+                    });
                 }
             }
             Command::OpenPeer {
@@ -328,6 +333,7 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
             let message = format!("{DRAINING}: retry on another worker");
             let _ = client.outbox.try_send(Message::Error {
                 id: Some(client.client_id),
+                kind: ErrorKind::Draining,
                 message,
             });
             return;
@@ -354,8 +360,14 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                 self.clients.insert(id, client);
             }
             Err(e) => {
+                let kind = match e {
+                    cleave_engine::Error::InvalidRequest(_) => ErrorKind::InvalidRequest,
+                    cleave_engine::Error::Overloaded(_) => ErrorKind::Overloaded,
+                    _ => ErrorKind::Internal,
+                };
                 let _ = client.outbox.try_send(Message::Error {
                     id: Some(client.client_id),
+                    kind,
                     message: e.to_string(),
                 });
             }
