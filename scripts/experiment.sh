@@ -26,4 +26,5 @@ workload=(--seed "${SEED:-1}" --input-len "mix:0.9*lognormal:512:1.0:16:8192,0.1
 specs=(${SPECS:-deploy/llama3-8b-aggregated.yaml deploy/llama3-8b-chunked-512.yaml deploy/llama3-8b-chunked.yaml
     deploy/llama3-8b-disaggregated.yaml})
 "$bin" bench --compare "${specs[@]}" --rates "${RATES:-1,2,4}" --num-requests "${NUM_REQUESTS:-60}" "${workload[@]}" \
-    --output-json "$out/experiment.json" --plot-dir "$out/plots" 2>&1 | tee "$out/experiment.txt"
+    --output-json "$out/experiment.json" --plot-dir "$out/plots" --serve-log-dir "$out/serve-logs" 2>&1 |
+    tee "$out/experiment.txt"

@@ -161,6 +161,10 @@ pub struct BenchArgs {
     /// How long a `cleave serve` may take to answer /health with 200.
     #[arg(long, default_value_t = 600.0, help_heading = "Compare")]
     pub serve_timeout_s: f64,
+    /// Write each deployment's whole output (the server's and its workers' logs) to DIR/SPEC-NAME.log. Without it,
+    /// the last lines are printed when requests failed.
+    #[arg(long, value_name = "DIR", help_heading = "Compare")]
+    pub serve_log_dir: Option<PathBuf>,
 }
 
 /// Validated arguments.
@@ -427,13 +431,25 @@ async fn execute(args: &BenchArgs, plan: &Plan) -> Result<(Vec<Run>, Vec<Deploym
     for (spec_idx, spec) in args.compare.iter().enumerate() {
         let port = serve::free_port()?;
         eprintln!("starting cleave serve --config {} --port {port}", spec.display());
-        let mut server = serve::Server::start_cleave_serve(spec, port)?;
+        let log = match &args.serve_log_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                let name = spec.file_stem().unwrap_or(spec.as_os_str()).to_string_lossy();
+                Some(dir.join(format!("{spec_idx}-{name}.log")))
+            }
+            None => None,
+        };
+        let mut server = serve::Server::start_cleave_serve(spec, port, log.as_deref())?;
         let healthy = server
             .wait_healthy(&client, Duration::from_secs_f64(args.serve_timeout_s))
             .await?;
         let gpus = args.gpus.get(spec_idx).copied().unwrap_or(args.gpus[0]);
         let target = spec.display().to_string();
-        runs.extend(run_target(&client, plan, &format!("http://127.0.0.1:{port}"), &target, gpus).await?);
+        let target_runs = run_target(&client, plan, &format!("http://127.0.0.1:{port}"), &target, gpus).await?;
+        if target_runs.iter().any(|r| r.summary.n_failed > 0) {
+            eprintln!("{target}: requests failed{}", server.tail());
+        }
+        runs.extend(target_runs);
         let exit = server.stop().await?;
         eprintln!("{target}: {exit}");
         deployments.push(Deployment {

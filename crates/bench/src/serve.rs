@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -26,8 +26,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `cleave serve --config SPEC --port PORT` from this very binary.
-    pub fn start_cleave_serve(spec: &Path, port: u16) -> Result<Server> {
+    /// Starts `cleave serve --config SPEC --port PORT` from this very binary; its whole output goes to `log` if given.
+    pub fn start_cleave_serve(spec: &Path, port: u16, log: Option<&Path>) -> Result<Server> {
         let exe = std::env::current_exe().context("finding the cleave binary")?;
         let args: Vec<OsString> = vec![
             "serve".into(),
@@ -36,11 +36,11 @@ impl Server {
             "--port".into(),
             port.to_string().into(),
         ];
-        Server::start(&exe, &args, port)
+        Server::start(&exe, &args, port, log)
     }
 
-    /// Starts `program args`, expected to serve HTTP on 127.0.0.1:`port`.
-    pub fn start(program: &Path, args: &[OsString], port: u16) -> Result<Server> {
+    /// Starts `program args`, expected to serve HTTP on 127.0.0.1:`port`; its whole output goes to `log` if given.
+    pub fn start(program: &Path, args: &[OsString], port: u16, log: Option<&Path>) -> Result<Server> {
         let description = std::iter::once(program.as_os_str())
             .chain(args.iter().map(OsString::as_os_str))
             .map(|a| a.to_string_lossy().into_owned())
@@ -54,8 +54,15 @@ impl Server {
             .spawn()
             .with_context(|| format!("starting {description}"))?;
         let output_tail = Arc::new(Mutex::new(VecDeque::new()));
-        collect_lines(child.stdout.take().expect("piped"), output_tail.clone());
-        collect_lines(child.stderr.take().expect("piped"), output_tail.clone());
+        let log = match log {
+            Some(path) => {
+                let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+                Some(Arc::new(Mutex::new(std::io::LineWriter::new(file))))
+            }
+            None => None,
+        };
+        collect_lines(child.stdout.take().expect("piped"), output_tail.clone(), log.clone());
+        collect_lines(child.stderr.take().expect("piped"), output_tail.clone(), log);
         Ok(Server {
             child,
             port,
@@ -114,7 +121,8 @@ impl Server {
         }
     }
 
-    fn tail(&self) -> String {
+    /// The last lines the server printed, for an error message.
+    pub fn tail(&self) -> String {
         // The reader threads may still be draining the pipes of a process that just exited.
         std::thread::sleep(Duration::from_millis(100));
         let lines = self.output_tail.lock().expect("not poisoned");
@@ -148,10 +156,16 @@ fn signal(child: &Child, signal: libc::c_int) -> Result<()> {
     Ok(())
 }
 
-fn collect_lines(pipe: impl Read + Send + 'static, tail: Arc<Mutex<VecDeque<String>>>) {
+type LogFile = Arc<Mutex<std::io::LineWriter<std::fs::File>>>;
+
+fn collect_lines(pipe: impl Read + Send + 'static, tail: Arc<Mutex<VecDeque<String>>>, log: Option<LogFile>) {
     std::thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
+            if let Some(log) = &log {
+                // A full disk loses log lines, not the benchmark.
+                let _ = writeln!(log.lock().expect("not poisoned"), "{line}");
+            }
             let mut tail = tail.lock().expect("not poisoned");
             if tail.len() == OUTPUT_TAIL_LINES {
                 tail.pop_front();
@@ -173,7 +187,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn sh(script: &str, port: u16) -> Server {
-        Server::start(Path::new("/bin/sh"), &["-c".into(), script.into()], port).unwrap()
+        Server::start(Path::new("/bin/sh"), &["-c".into(), script.into()], port, None).unwrap()
     }
 
     fn runtime() -> tokio::runtime::Runtime {
@@ -199,6 +213,32 @@ mod tests {
             assert!(err.contains("exited (exit status: 3)"), "{err}");
             assert!(err.contains("bad spec: no model") && err.contains("starting"), "{err}");
         });
+    }
+
+    #[test]
+    fn the_whole_output_goes_to_the_log_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serve.log");
+        let script = "for i in $(seq 100); do echo line $i; done; echo 'worker panicked' >&2";
+        let mut server = Server::start(
+            Path::new("/bin/sh"),
+            &["-c".into(), script.into()],
+            free_port().unwrap(),
+            Some(&log),
+        )
+        .unwrap();
+        server.child.wait().unwrap();
+        // More lines than the tail keeps, all in the file once the readers drained the pipes.
+        let mut text = String::new();
+        for _ in 0..100 {
+            text = std::fs::read_to_string(&log).unwrap();
+            if text.lines().count() == 101 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(text.lines().count(), 101, "{text}");
+        assert!(text.contains("line 1\n") && text.contains("worker panicked"), "{text}");
     }
 
     #[test]
