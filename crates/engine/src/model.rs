@@ -35,7 +35,8 @@ pub struct Model<B: Backend> {
 impl<B: Backend> Model<B> {
     /// Loads every tensor the config calls for, checking shapes, and hands them to the backend — divided among its
     /// tensor-parallel ranks Megatron-style: q/k/v and gate/up split by output (heads, MLP rows), o_proj and
-    /// down_proj by input, everything else replicated.
+    /// down_proj by input, everything else replicated. A backend that reads no values (the mock) gets only the
+    /// shapes: `source` is not read.
     pub fn load(backend: &B, config: ModelConfig, source: &dyn WeightSource) -> Result<Self> {
         let (h, q_dim, kv_dim, inter, hd) = (
             config.hidden_size,
@@ -45,10 +46,16 @@ impl<B: Backend> Model<B> {
             config.head_dim,
         );
         check_divisible(&config, backend.n_ranks())?;
-        let get_split =
-            |name: &str, shape: &[usize], split: WeightSplit| backend.weight_split(source.tensor(name, shape)?, split);
+        let get_split = |name: &str, shape: &[usize], split: WeightSplit| match backend.weight_without_values(shape) {
+            Some(weight) => Ok(weight),
+            None => backend.weight_split(source.tensor(name, shape)?, split),
+        };
         let get = |name: &str, shape: &[usize]| get_split(name, shape, WeightSplit::Replicated);
         let stacked = |names: &[(String, usize)], cols: &[usize]| -> Result<B::Weight> {
+            let rows = names.iter().map(|(_, rows)| rows).sum();
+            if let Some(weight) = backend.weight_without_values(&[&[rows][..], cols].concat()) {
+                return Ok(weight);
+            }
             let parts = names
                 .iter()
                 .map(|(name, rows)| source.tensor(name, &[&[*rows][..], cols].concat()))

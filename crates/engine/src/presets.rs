@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::config::{Architecture, DType, Llama3RopeScaling, ModelConfig};
 use crate::error::{Error, Result};
 use crate::tokenizer::{BYTE_BOS, BYTE_EOS, BYTE_VOCAB, Tokenizer};
-use crate::weights::{DummyWeights, SafetensorsDir, WeightSource};
+use crate::weights::{DummyWeights, HostTensor, SafetensorsDir, WeightSource};
 
 pub const PRESET_NAMES: [&str; 5] = ["tiny", "small", "llama3-8b", "llama3-70b", "qwen2.5-7b"];
 
@@ -115,8 +115,24 @@ pub struct ResolvedModel {
 
 /// A directory is read as a Hugging Face model; anything else must be a preset name.
 pub fn resolve_model(arg: &str) -> Result<ResolvedModel> {
+    let mut resolved = resolve_model_without_weights(arg)?;
     let path = Path::new(arg);
-    if path.is_dir() {
+    resolved.weights = if path.is_dir() {
+        Box::new(SafetensorsDir::open(path)?)
+    } else {
+        Box::new(DummyWeights {
+            seed: PRESET_SEED,
+            dtype: resolved.config.dtype,
+        })
+    };
+    Ok(resolved)
+}
+
+/// [`resolve_model`] without its weights: the config and tokenizer, for what never reads a weight — the frontend
+/// and the mock backend (so a model directory needs no safetensors for them). Its weight source refuses every read.
+pub fn resolve_model_without_weights(arg: &str) -> Result<ResolvedModel> {
+    let path = Path::new(arg);
+    let (config, tokenizer) = if path.is_dir() {
         let config = ModelConfig::from_hf_dir(path)?;
         let tokenizer_path = path.join("tokenizer.json");
         if !tokenizer_path.exists() {
@@ -125,23 +141,36 @@ pub fn resolve_model(arg: &str) -> Result<ResolvedModel> {
                 tokenizer_path.display()
             )));
         }
-        Ok(ResolvedModel {
-            weights: Box::new(SafetensorsDir::open(path)?),
-            tokenizer: Tokenizer::from_file(&tokenizer_path)?,
-            config,
-            name: arg.to_string(),
-        })
+        (config, Tokenizer::from_file(&tokenizer_path)?)
     } else {
         let config = preset(arg).ok_or_else(|| Error::UnknownModel(arg.to_string()))?;
-        Ok(ResolvedModel {
-            weights: Box::new(DummyWeights {
-                seed: PRESET_SEED,
-                dtype: config.dtype,
-            }),
-            tokenizer: Tokenizer::Bytes,
-            config,
-            name: arg.to_string(),
+        (config, Tokenizer::Bytes)
+    };
+    Ok(ResolvedModel {
+        config,
+        weights: Box::new(NoWeights { model: arg.to_string() }),
+        tokenizer,
+        name: arg.to_string(),
+    })
+}
+
+/// The weight source of a model resolved without weights.
+struct NoWeights {
+    model: String,
+}
+
+impl WeightSource for NoWeights {
+    fn tensor(&self, name: &str, _shape: &[usize]) -> Result<HostTensor> {
+        Err(Error::Weights {
+            path: self.model.clone().into(),
+            message: format!(
+                "the model was resolved without its weights (for the mock backend or a frontend), so tensor {name:?} cannot be read"
+            ),
         })
+    }
+
+    fn has(&self, _name: &str) -> bool {
+        false
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod mock;
 pub mod tensor_parallel;
 
 use crate::error::Result;
@@ -143,6 +144,12 @@ pub trait Backend: Send + Sync {
 
     fn name(&self) -> &'static str;
     fn weight(&self, tensor: HostTensor) -> Result<Self::Weight>;
+    /// A weight of `shape` for a backend that never reads weight values (the mock), so that a model of any size is
+    /// built without generating or reading a byte of it; `None` for a backend that computes (it gets the values
+    /// through [`Backend::weight`] or [`Backend::weight_split`]).
+    fn weight_without_values(&self, _shape: &[usize]) -> Option<Self::Weight> {
+        None
+    }
     /// Loads a weight divided among tensor-parallel ranks as `split` says; one rank holds all of it.
     fn weight_split(&self, tensor: HostTensor, _split: WeightSplit) -> Result<Self::Weight> {
         self.weight(tensor)
