@@ -11,7 +11,6 @@ use clap::Args;
 use cleave_engine::backend::Backend;
 use cleave_engine::config::DType;
 use cleave_engine::engine::{Engine, RequestParams};
-use cleave_engine::presets::resolve_model;
 use cleave_engine::scheduler::SchedulerPolicy;
 
 use crate::{EngineArgs, engine_config, with_engine};
@@ -44,7 +43,7 @@ pub struct BenchEngineArgs {
 }
 
 pub fn run(args: BenchEngineArgs) -> Result<()> {
-    let resolved = resolve_model(&args.engine.model)?;
+    let resolved = crate::resolve_engine_model(&args.engine)?;
     let longest = args.prompt_tokens.iter().copied().max().unwrap_or(1);
     // Each prompt prefills in one step; prefix caching off so every repetition computes everything.
     let config = engine_config(&args.engine)?;

@@ -10,9 +10,10 @@ mod serve;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use cleave_engine::backend::Backend;
+use cleave_engine::backend::mock::MockTiming;
 use cleave_engine::config::DType;
 use cleave_engine::engine::{Engine, EngineConfig, RequestParams};
-use cleave_engine::presets::{ResolvedModel, resolve_model};
+use cleave_engine::presets::{ResolvedModel, resolve_model, resolve_model_without_weights};
 use cleave_engine::sampler::SamplingParams;
 use cleave_engine::scheduler::SchedulerPolicy;
 
@@ -61,9 +62,15 @@ pub struct EngineArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
-    /// Compute backend: auto (CUDA when a GPU is usable, else CPU), cpu or cuda.
+    /// Compute backend: auto (CUDA when a GPU is usable, else CPU), cpu, cuda, or mock (no computation and no
+    /// weights: steps take the time --mock-timing says; for tests of routing and scaling).
     #[arg(long, default_value = "auto")]
     backend: String,
+    /// The mock backend's cost of a step, as KEY=VALUE,...: base_ms, prefill_token_us (per prompt token),
+    /// decode_seq_us (per decoding sequence), context_token_ns (per KV token attended); left out: 0 (as fast as the
+    /// host allows). E.g. base_ms=6,prefill_token_us=60,decode_seq_us=40.
+    #[arg(long, value_name = "SPEC", value_parser = MockTiming::parse)]
+    mock_timing: Option<MockTiming>,
     /// GPU ordinal for the cuda backend.
     #[arg(long, default_value_t = 0)]
     device: usize,
@@ -183,8 +190,7 @@ fn worker(args: WorkerArgs) -> Result<()> {
     if !args.cpus.is_empty() {
         pin_to_cpus(&args.cpus)?;
     }
-    let resolved =
-        resolve_model(&args.engine.model).with_context(|| format!("loading model {:?}", args.engine.model))?;
+    let resolved = resolve_engine_model(&args.engine)?;
     let config = engine_config(&args.engine)?;
     let (on_listening, on_drain) = if args.etcd.is_empty() {
         (None, None)
@@ -292,8 +298,7 @@ fn start_colocated_prefill(engine_args: EngineArgs) -> Result<String> {
     let thread = std::thread::Builder::new().name("colocated-prefill".into());
     thread.spawn(move || {
         let served: Result<()> = (|| {
-            let resolved =
-                resolve_model(&engine_args.model).with_context(|| format!("loading model {:?}", engine_args.model))?;
+            let resolved = resolve_engine_model(&engine_args)?;
             with_engine!(&engine_args, resolved, config, |engine| {
                 cleave_worker::serve(engine, worker_config).context("serving")
             })
@@ -331,10 +336,22 @@ fn pin_to_cpus(cpus: &[usize]) -> Result<()> {
         .context("sizing the compute thread pool")
 }
 
+/// The model `args` name, as the chosen backend needs it: the mock reads no weights, so a model directory needs
+/// none for it.
+pub fn resolve_engine_model(args: &EngineArgs) -> Result<ResolvedModel> {
+    let resolved = match args.backend.as_str() {
+        "mock" => resolve_model_without_weights(&args.model),
+        _ => resolve_model(&args.model),
+    };
+    resolved.with_context(|| format!("loading model {:?}", args.model))
+}
+
 /// Which backend runs the engine.
 pub enum BackendChoice {
     /// `ranks` simulated tensor-parallel ranks (1: the plain CPU backend).
     Cpu { ranks: usize },
+    /// The mock backend (one rank), with its step cost.
+    Mock(MockTiming),
     /// One rank per GPU ordinal.
     #[cfg(feature = "cuda")]
     Cuda { devices: Vec<usize> },
@@ -366,10 +383,19 @@ fn rank_devices(args: &EngineArgs) -> Result<Vec<usize>> {
 
 /// `auto` takes the GPU when one is usable and otherwise says why it runs on the CPU.
 pub fn choose_backend(args: &EngineArgs) -> Result<BackendChoice> {
+    if args.mock_timing.is_some() && args.backend != "mock" {
+        bail!(
+            "--mock-timing is for --backend mock (the backend is {:?})",
+            args.backend
+        );
+    }
     let devices = rank_devices(args)?;
     let cpu = BackendChoice::Cpu { ranks: devices.len() };
     match args.backend.as_str() {
         "cpu" => Ok(cpu),
+        // Tensor-parallel ranks split weight values, which the mock does not have.
+        "mock" if devices.len() > 1 => bail!("the mock backend runs one rank: leave out --tp and --devices"),
+        "mock" => Ok(BackendChoice::Mock(args.mock_timing.unwrap_or_default())),
         #[cfg(feature = "cuda")]
         "cuda" => {
             cleave_engine::backend::cuda::probe()?;
@@ -387,7 +413,7 @@ pub fn choose_backend(args: &EngineArgs) -> Result<BackendChoice> {
         "cuda" => bail!("this cleave was built without the cuda feature"),
         #[cfg(not(feature = "cuda"))]
         "auto" => Ok(cpu),
-        other => bail!("unknown backend {other:?} (auto, cpu, cuda)"),
+        other => bail!("unknown backend {other:?} (auto, cpu, cuda, mock)"),
     }
 }
 
@@ -405,6 +431,11 @@ macro_rules! with_engine {
             $crate::BackendChoice::Cpu { ranks } => {
                 let ranks = vec![cleave_engine::backend::cpu::CpuBackend; ranks];
                 let backend = cleave_engine::backend::tensor_parallel::Tp::new(ranks)?;
+                let $engine = cleave_engine::engine::Engine::new(backend, $resolved, $config)?;
+                $body
+            }
+            $crate::BackendChoice::Mock(timing) => {
+                let backend = cleave_engine::backend::mock::MockBackend::new(timing);
                 let $engine = cleave_engine::engine::Engine::new(backend, $resolved, $config)?;
                 $body
             }
@@ -465,8 +496,7 @@ pub fn engine_config(args: &EngineArgs) -> Result<EngineConfig> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let resolved =
-        resolve_model(&args.engine.model).with_context(|| format!("loading model {:?}", args.engine.model))?;
+    let resolved = resolve_engine_model(&args.engine)?;
     let config = engine_config(&args.engine)?;
     with_engine!(&args.engine, resolved, config, |engine| generate_with(engine, &args))
 }
@@ -520,7 +550,7 @@ fn generate_with<B: Backend>(mut engine: Engine<B>, args: &GenerateArgs) -> Resu
 
 fn info(model: &str) -> Result<()> {
     let ResolvedModel { config: c, name, .. } =
-        resolve_model(model).with_context(|| format!("loading model {model:?}"))?;
+        resolve_model_without_weights(model).with_context(|| format!("loading model {model:?}"))?;
     let weight_bytes = c.n_params() * c.dtype.size_bytes();
     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
     println!("model            {name}");

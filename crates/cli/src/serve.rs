@@ -33,8 +33,11 @@ pub struct DeploymentSpec {
     pub model: String,
     /// The name clients use in `model`; default: `model`.
     pub served_model_name: Option<String>,
-    /// auto, cpu or cuda; default cpu for the tiny preset, else auto.
+    /// auto, cpu, cuda or mock; default cpu for the tiny preset, else auto.
     pub backend: Option<String>,
+    /// The mock backend's step cost (`base_ms=6,prefill_token_us=60,...`, see `cleave worker --help`); only with
+    /// `backend: mock`. Default: zero, as fast as the host allows.
+    pub mock_timing: Option<String>,
     pub host: String,
     pub port: u16,
     pub block_size: usize,
@@ -82,6 +85,7 @@ impl Default for DeploymentSpec {
             model: "tiny".into(),
             served_model_name: None,
             backend: None,
+            mock_timing: None,
             host: "127.0.0.1".into(),
             port: 8000,
             block_size: 16,
@@ -140,9 +144,13 @@ pub struct ServeArgs {
     /// The model name clients send (default: --model).
     #[arg(long)]
     served_model_name: Option<String>,
-    /// auto, cpu or cuda (default: cpu for the tiny preset, else auto).
+    /// auto, cpu, cuda or mock (default: cpu for the tiny preset, else auto).
     #[arg(long)]
     backend: Option<String>,
+    /// The mock backend's step cost, e.g. base_ms=6,prefill_token_us=60,decode_seq_us=40 (see `cleave worker
+    /// --help`).
+    #[arg(long, value_name = "SPEC")]
+    mock_timing: Option<String>,
     #[arg(long)]
     host: Option<String>,
     #[arg(long)]
@@ -194,6 +202,9 @@ impl ServeArgs {
         if self.backend.is_some() {
             spec.backend = self.backend.clone();
         }
+        if self.mock_timing.is_some() {
+            spec.mock_timing = self.mock_timing.clone();
+        }
         set!(self.host, spec.host);
         set!(self.port, spec.port);
         set!(self.aggregated_workers, spec.aggregated.count);
@@ -218,6 +229,15 @@ impl ServeArgs {
 
 impl DeploymentSpec {
     fn validate(&self) -> Result<()> {
+        if let Some(timing) = &self.mock_timing {
+            cleave_engine::backend::mock::MockTiming::parse(timing).map_err(anyhow::Error::msg)?;
+            if self.backend() != "mock" {
+                bail!(
+                    "mock_timing is for the mock backend; the backend is {:?}",
+                    self.backend()
+                );
+            }
+        }
         if self.aggregated.count + self.decode.count == 0 {
             bail!("the deployment has no worker that decodes: give --aggregated-workers or --decode-workers");
         }
@@ -325,6 +345,9 @@ fn spawn_worker(
         .arg("--drain-on-stdin-eof");
     if let Some(mib) = spec.kv_cache_mib {
         command.args(["--kv-cache-mib", &mib.to_string()]);
+    }
+    if let Some(timing) = &spec.mock_timing {
+        command.args(["--mock-timing", timing]);
     }
     for addr in prefill_addrs {
         command.args(["--prefill-worker", addr]);

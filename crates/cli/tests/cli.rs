@@ -121,3 +121,69 @@ fn deployment_specs_parse_and_bad_ones_are_named() {
     assert!(!ok && stderr.contains("decode"), "{stderr}");
     std::fs::remove_file(spec).unwrap();
 }
+
+#[test]
+fn the_mock_backend_builds_any_shape_without_weights_and_names_bad_timings() {
+    // Llama-3-70B's shape: 141 GB of weights the mock never generates.
+    let (ok, stdout, stderr) = cleave(&[
+        "generate",
+        "--backend",
+        "mock",
+        "--mock-timing",
+        "base_ms=1",
+        "--model",
+        "llama3-70b",
+        "--prompt-ids",
+        "1,2,3",
+        "--max-tokens",
+        "4",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(v["backend"], "mock");
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 4);
+
+    let (ok, _, stderr) = cleave(&[
+        "generate",
+        "--backend",
+        "mock",
+        "--mock-timing",
+        "base_ms=-1",
+        "--prompt",
+        "x",
+    ]);
+    assert!(
+        !ok && stderr.contains("base_ms=-1 must be a finite number of at least 0"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = cleave(&[
+        "generate",
+        "--backend",
+        "cpu",
+        "--mock-timing",
+        "base_ms=1",
+        "--prompt",
+        "x",
+    ]);
+    assert!(
+        !ok && stderr.contains("--mock-timing is for --backend mock"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = cleave(&["serve", "--print-spec", "--mock-timing", "base_ms=1"]);
+    assert!(
+        !ok && stderr.contains("mock_timing is for the mock backend"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = cleave(&["serve", "--print-spec", "--backend", "mock", "--mock-timing", "base=1"]);
+    assert!(!ok && stderr.contains("unknown key \"base\""), "{stderr}");
+    let (ok, stdout, stderr) = cleave(&[
+        "serve",
+        "--print-spec",
+        "--backend",
+        "mock",
+        "--mock-timing",
+        "base_ms=2",
+    ]);
+    assert!(ok && stdout.contains("base_ms=2"), "{stderr}");
+}

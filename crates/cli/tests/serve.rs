@@ -99,3 +99,137 @@ async fn a_worker_that_dies_is_restarted_and_serving_resumes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// POSTs `body` to `url` and returns the response body; panics on a non-200 status.
+async fn post(http: &reqwest::Client, url: &str, body: &serde_json::Value) -> String {
+    let response = http
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    assert!(status.is_success(), "POST {url}: {status} {text}");
+    text
+}
+
+/// The sum of a Prometheus metric over the series whose labels contain `label` (e.g. `decision="remote"`).
+async fn metric_sum(http: &reqwest::Client, base: &str, name: &str, label: &str) -> f64 {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(label))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// The mock backend through whole deployments of a model directory that has no weights (the llama fixture's config
+/// and tokenizer): served aggregated, and as one prefill plus one decode worker with a step cost. Greedy text is the
+/// same in both (so every layer of every KV block reached the decode worker over TCP), streamed or not, and the same
+/// as `cleave generate --backend mock` prints.
+#[tokio::test(flavor = "multi_thread")]
+async fn mock_backend_deployments_answer_through_the_openai_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/hf/llama");
+    for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(format!("{fixture}/{file}"), dir.path().join(file)).unwrap();
+    }
+    let model = dir.path().to_str().unwrap();
+    let aggregated = start_serve(&[
+        "--model",
+        model,
+        "--backend",
+        "mock",
+        "--aggregated-workers",
+        "1",
+        "--prefill-workers",
+        "0",
+        "--decode-workers",
+        "0",
+    ]);
+    let split = start_serve(&[
+        "--model",
+        model,
+        "--backend",
+        "mock",
+        "--mock-timing",
+        "base_ms=1,prefill_token_us=20",
+        "--remote-prefill-tokens-min",
+        "32",
+    ]);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(5);
+    for prompt in ["Hello", long.as_str()] {
+        let request = serde_json::json!({
+            "model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": true,
+        });
+        let completion = |body: &str| -> (String, u64) {
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            (
+                v["choices"][0]["text"].as_str().unwrap().to_string(),
+                v["usage"]["completion_tokens"].as_u64().unwrap(),
+            )
+        };
+        let (text, n_tokens) = completion(&post(&http, &format!("{}/v1/completions", aggregated.url), &request).await);
+        assert_eq!(n_tokens, 12);
+        assert!(
+            !text.is_empty(),
+            "the fixture's tokenizer decodes the mock's tokens to text"
+        );
+        let (split_text, _) = completion(&post(&http, &format!("{}/v1/completions", split.url), &request).await);
+        assert_eq!(
+            split_text, text,
+            "prompt {prompt:?}: disaggregated and aggregated differ"
+        );
+
+        let mut streaming = request.clone();
+        streaming["stream"] = true.into();
+        let events = post(&http, &format!("{}/v1/completions", split.url), &streaming).await;
+        let streamed: String = events
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .filter(|data| *data != "[DONE]")
+            .map(|data| {
+                let v: serde_json::Value = serde_json::from_str(data).unwrap();
+                v["choices"][0]["text"].as_str().unwrap_or_default().to_string()
+            })
+            .collect();
+        assert_eq!(streamed, text, "prompt {prompt:?}: streamed text differs");
+
+        let generated = Command::new(env!("CARGO_BIN_EXE_cleave"))
+            .args(["generate", "--backend", "mock", "--model", model, "--prompt", prompt])
+            .args(["--max-tokens", "12", "--ignore-eos", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            generated.status.success(),
+            "{}",
+            String::from_utf8_lossy(&generated.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&generated.stdout).unwrap();
+        assert_eq!(v["backend"], "mock");
+        assert_eq!(v["text"].as_str().unwrap(), text, "cleave generate differs");
+    }
+    let remote = metric_sum(
+        &http,
+        &split.url,
+        "cleave_prefill_decisions_total",
+        "decision=\"remote\"",
+    )
+    .await;
+    // The first long request is prefilled remotely; its repeats find the prompt in the decode worker's cache.
+    assert!(remote >= 1.0, "the long prompt is prefilled remotely: {remote}");
+    let bytes = metric_sum(&http, &split.url, "cleave_kv_transfer_bytes_total", "role=\"decode\"").await;
+    assert!(bytes > 0.0, "KV crossed from the prefill worker");
+}

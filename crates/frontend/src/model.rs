@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use cleave_engine::presets::resolve_model;
+use cleave_engine::presets::resolve_model_without_weights;
 use cleave_engine::tokenizer::Tokenizer;
 
 use crate::chat_template::ChatTemplate;
@@ -22,7 +22,7 @@ impl ServedModel {
     /// Loads what the frontend needs of `model` (a Hugging Face directory or a preset); `name` is what clients call
     /// it (default: the argument itself). Models without a chat template get [`ChatTemplate::default_for_presets`].
     pub fn load(model: &str, name: Option<&str>) -> anyhow::Result<Self> {
-        let resolved = resolve_model(model)?;
+        let resolved = resolve_model_without_weights(model)?;
         let dir = Path::new(model);
         let chat_template = if dir.is_dir() {
             ChatTemplate::from_model_dir(dir)?.unwrap_or_else(ChatTemplate::default_for_presets)
