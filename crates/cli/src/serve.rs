@@ -500,8 +500,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         };
         std::thread::spawn(move || supervisor.run());
         println!("serving {} on http://{addr}", state.model.name);
-        axum::serve(listener, cleave_frontend::routes(state))
-            .with_graceful_shutdown(shutdown_signal())
+        cleave_frontend::serve(listener, state, shutdown_signal())
             .await
             .context("serving HTTP")
     });
@@ -674,8 +673,7 @@ pub fn frontend(args: FrontendArgs) -> Result<()> {
         }
         let state = Arc::new(AppState::new(model, pool, metrics, FrontendConfig::default()));
         println!("serving {} on http://{}", state.model.name, listener.local_addr()?);
-        axum::serve(listener, cleave_frontend::routes(state))
-            .with_graceful_shutdown(shutdown_signal())
+        cleave_frontend::serve(listener, state, shutdown_signal())
             .await
             .context("serving HTTP")
     })

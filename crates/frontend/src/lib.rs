@@ -6,7 +6,7 @@
 //! - [`chat_template`]: Hugging Face chat templates on minijinja.
 //! - [`model`]: the served model's name, tokenizer, template and limits.
 //! - [`workers`]: connections to the workers, the router, request multiplexing.
-//! - [`server`]: the axum routes.
+//! - [`server`]: the axum routes and [`serve`], which serves them.
 //! - [`metrics`]: the Prometheus registry (docs/metrics.md).
 
 pub mod chat_template;
@@ -16,4 +16,4 @@ pub mod openai;
 pub mod server;
 pub mod workers;
 
-pub use server::{AppState, FrontendConfig, routes};
+pub use server::{AppState, FrontendConfig, routes, serve};

@@ -12,6 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use cleave_wire::{ErrorKind, Tokens, WireParams};
 use futures::Stream;
@@ -65,6 +66,26 @@ impl AppState {
             created: unix_seconds(),
         }
     }
+}
+
+/// Serves [`routes`] on `listener` until `shutdown` completes, then lets in-flight responses finish.
+///
+/// Every connection gets `TCP_NODELAY`. A streamed response is many small writes (one server-sent event per token
+/// update); with Nagle's algorithm each write while the previous one is unacknowledged waits for the client's ACK,
+/// which Linux delays by up to 40 ms — measured as 40 ms inter-token gaps before this was set (docs/benchmarks.md).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY on a client connection: {e}");
+        }
+    });
+    axum::serve(listener, routes(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// The routes of the OpenAI-compatible API plus /health and /metrics.
