@@ -170,6 +170,8 @@ fn the_mock_backend_builds_any_shape_without_weights_and_names_bad_timings() {
         !ok && stderr.contains("--mock-timing is for --backend mock"),
         "{stderr}"
     );
+    let (ok, _, stderr) = cleave(&["generate", "--backend", "mock", "--tp", "2", "--prompt", "x"]);
+    assert!(!ok && stderr.contains("the mock backend runs one rank"), "{stderr}");
     let (ok, _, stderr) = cleave(&["serve", "--print-spec", "--mock-timing", "base_ms=1"]);
     assert!(
         !ok && stderr.contains("mock_timing is for the mock backend"),
