@@ -20,7 +20,7 @@ use clap::Args;
 use cleave_engine::backend::Backend;
 use cleave_engine::backend::cpu::CpuBackend;
 use cleave_engine::config::DType;
-use cleave_engine::engine::{Engine, EngineConfig, RequestParams};
+use cleave_engine::engine::{Engine, EngineConfig, RemotePrefill, RequestParams};
 use cleave_engine::presets::resolve_model;
 use serde_json::{Value, json};
 
@@ -57,7 +57,7 @@ pub fn run(_args: SelftestArgs) -> Result<()> {
 pub fn run(args: SelftestArgs) -> Result<()> {
     use cleave_engine::backend::cuda::{CudaBackend, Precision};
 
-    cleave_engine::backend::cuda::probe()?;
+    let n_gpus = cleave_engine::backend::cuda::probe()?;
     if let Some(tp) = args.tp {
         return tp_selftest(&args, tp);
     }
@@ -204,13 +204,114 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         }
         results.push(r);
     }
+    // The in-process KV transport, to another GPU where there is one (peer access), else on the same GPU.
+    let prefill_device = (args.device + 1) % n_gpus.max(1);
+    let r = in_process_transport(&args, "llama", prefill_device)?;
+    if r["pass"] != true {
+        failures.push("in-process KV transport".into());
+    }
+    results.push(r);
 
     finish(&results, &failures, args.json_out.as_deref())
+}
+
+/// The in-process KV transport on GPUs: a prefill engine on `prefill_device` writes each layer of a prompt straight
+/// into a decode engine's pool on `--device` (by device pointer; with peer access when the GPUs differ), and the
+/// decode engine's greedy tokens equal an aggregated engine's; no block stays in use on either side. Each engine
+/// runs on a thread of its own, as the workers do: a thread has one current CUDA context.
+#[cfg(feature = "cuda")]
+fn in_process_transport(args: &SelftestArgs, model: &str, prefill_device: usize) -> Result<Value> {
+    let params = RequestParams {
+        max_tokens: 12,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let lens = [17usize, 40, 300];
+    let prompts: Vec<Vec<u32>> = {
+        let vocab = resolve_model(&args.fixtures.join(model).to_string_lossy())?
+            .config
+            .vocab_size as u32;
+        (0..lens.len())
+            .map(|i| {
+                (0..lens[i] as u32)
+                    .map(|j| (j * 7_919 + i as u32 * 31) % vocab)
+                    .collect()
+            })
+            .collect()
+    };
+    let expected: Vec<Vec<u32>> = std::thread::scope(|s| {
+        s.spawn(|| -> Result<Vec<Vec<u32>>> {
+            let mut aggregated = fixture_engine(args, model)?;
+            let batch = prompts.iter().map(|p| (p.clone(), params.clone())).collect();
+            Ok(aggregated.generate(batch)?.into_iter().map(|c| c.token_ids).collect())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the aggregated engine's thread panicked"))?
+    })?;
+    let mut decode = fixture_engine(args, model)?;
+    let export = decode
+        .export_kv_cache_in_process()
+        .context("the CUDA backend did not export its KV pool in process")?;
+    let (request_tx, request_rx) = std::sync::mpsc::channel::<(RemotePrefill, Vec<u32>)>();
+    let (first_tx, first_rx) = std::sync::mpsc::channel::<Result<u32>>();
+    let mut diverged = Vec::new();
+    let prefill_leaked = std::thread::scope(|s| -> Result<usize> {
+        let prefill_thread = s.spawn(|| -> Result<usize> {
+            let mut prefill = fixture_engine_on(args, model, prefill_device)?;
+            let peer = prefill.open_peer_kv_cache(&export)?;
+            for (remote, dst) in request_rx {
+                let first = prefill.prefill_remote_to_peer(&remote, &params, &peer, &dst, &mut || Ok(()));
+                let _ = first_tx.send(first.map_err(anyhow::Error::from));
+            }
+            prefill.close_peer_kv_cache(peer);
+            Ok(prefill.block_pool().n_in_use())
+        });
+        for (i, (prompt, expected)) in prompts.iter().zip(&expected).enumerate() {
+            let id = i as u64;
+            let remote = decode.add_remote_prefill_request(id, prompt.clone(), params.clone())?;
+            let dst = decode.parked_blocks(id).context("the parked request's blocks")?;
+            request_tx.send((remote, dst))?;
+            let first = first_rx.recv().context("the prefill thread stopped")??;
+            let out = decode.finish_remote_prefill(id, first)?;
+            let mut tokens = out.token_ids;
+            let mut finished = out.finish.is_some();
+            while !finished {
+                for out in decode.step()? {
+                    tokens.extend(out.token_ids);
+                    finished |= out.finish.is_some();
+                }
+            }
+            if &tokens != expected {
+                diverged.push(format!("{}-token prompt: {tokens:?} vs {expected:?}", prompt.len()));
+            }
+        }
+        drop(request_tx);
+        prefill_thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the prefill engine's thread panicked"))?
+    })?;
+    let leaked = decode.block_pool().n_in_use() + prefill_leaked;
+    Ok(json!({
+        "check": format!("in-process KV {model} GPU {prefill_device} -> GPU {}", args.device),
+        "pass": diverged.is_empty() && leaked == 0,
+        "tokens": format!("{}/{} same", lens.len() - diverged.len(), lens.len()),
+        "note": if leaked > 0 { format!("{leaked} blocks left in use") } else { diverged.join("; ") },
+    }))
 }
 
 /// An engine on the GPU for fixture `model` (its directory under `--fixtures`, else the preset of that name).
 #[cfg(feature = "cuda")]
 fn fixture_engine(args: &SelftestArgs, model: &str) -> Result<Engine<cleave_engine::backend::cuda::CudaBackend>> {
+    fixture_engine_on(args, model, args.device)
+}
+
+/// [`fixture_engine`] on GPU `device`.
+#[cfg(feature = "cuda")]
+fn fixture_engine_on(
+    args: &SelftestArgs,
+    model: &str,
+    device: usize,
+) -> Result<Engine<cleave_engine::backend::cuda::CudaBackend>> {
     let dir = args.fixtures.join(model);
     let arg = if dir.is_dir() {
         dir.to_string_lossy().into_owned()
@@ -218,7 +319,7 @@ fn fixture_engine(args: &SelftestArgs, model: &str) -> Result<Engine<cleave_engi
         model.to_string()
     };
     let m = resolve_model(&arg)?;
-    let backend = cleave_engine::backend::cuda::CudaBackend::new(args.device, &m.config)?;
+    let backend = cleave_engine::backend::cuda::CudaBackend::new(device, &m.config)?;
     Ok(Engine::new(backend, m, EngineConfig::default())?)
 }
 

@@ -199,3 +199,38 @@ fn malformed_kv_is_refused_without_touching_blocks() {
         "a cancelled request cannot be finished"
     );
 }
+
+/// The in-process transport at the engine level: the prefill engine writes each layer straight into the decode
+/// engine's blocks by address (no chunks), and the tokens are the aggregated engine's; no block leaks.
+#[test]
+fn in_process_peer_copies_give_the_aggregated_tokens() {
+    let (mut decode, mut prefill) = (
+        engine("tiny", EngineConfig::default()),
+        engine("tiny", EngineConfig::default()),
+    );
+    let export = decode
+        .export_kv_cache_in_process()
+        .expect("the CPU backend exports in process");
+    let peer = prefill.open_peer_kv_cache(&export).unwrap();
+    for (i, len) in [16usize, 17, 40, 70].into_iter().enumerate() {
+        let (id, p) = (i as u64, prompt(len, 700 + i as u32, VOCAB));
+        let remote = decode.add_remote_prefill_request(id, p.clone(), greedy(12)).unwrap();
+        let dst = decode.parked_blocks(id).unwrap();
+        let first = prefill
+            .prefill_remote_to_peer(&remote, &greedy(12), &peer, &dst, &mut || Ok(()))
+            .unwrap();
+        let out = decode.finish_remote_prefill(id, first).unwrap();
+        let mut tokens = out.token_ids;
+        let mut finished = out.finish.is_some();
+        while !finished {
+            for out in decode.step().unwrap() {
+                tokens.extend(out.token_ids);
+                finished |= out.finish.is_some();
+            }
+        }
+        assert_eq!(tokens, aggregated(p, greedy(12)), "prompt of {len} tokens");
+    }
+    prefill.close_peer_kv_cache(peer);
+    assert_eq!(decode.block_pool().n_in_use(), 0);
+    assert_eq!(prefill.block_pool().n_in_use(), 0);
+}
