@@ -272,15 +272,7 @@ fn in_process_transport(args: &SelftestArgs, model: &str, prefill_device: usize)
             let dst = decode.parked_blocks(id).context("the parked request's blocks")?;
             request_tx.send((remote, dst))?;
             let first = first_rx.recv().context("the prefill thread stopped")??;
-            let out = decode.finish_remote_prefill(id, first)?;
-            let mut tokens = out.token_ids;
-            let mut finished = out.finish.is_some();
-            while !finished {
-                for out in decode.step()? {
-                    tokens.extend(out.token_ids);
-                    finished |= out.finish.is_some();
-                }
-            }
+            let tokens = decode_to_end(&mut decode, id, first)?;
             if &tokens != expected {
                 diverged.push(format!("{}-token prompt: {tokens:?} vs {expected:?}", prompt.len()));
             }
@@ -297,6 +289,21 @@ fn in_process_transport(args: &SelftestArgs, model: &str, prefill_device: usize)
         "tokens": format!("{}/{} same", lens.len() - diverged.len(), lens.len()),
         "note": if leaked > 0 { format!("{leaked} blocks left in use") } else { diverged.join("; ") },
     }))
+}
+
+/// Continues request `id` on `decode` from the first token a prefill engine computed, stepping until it finishes
+/// (it is the only request running); its tokens.
+fn decode_to_end<B: Backend>(decode: &mut Engine<B>, id: u64, first: u32) -> Result<Vec<u32>> {
+    let out = decode.finish_remote_prefill(id, first)?;
+    let mut tokens = out.token_ids;
+    let mut finished = out.finish.is_some();
+    while !finished {
+        for out in decode.step()? {
+            tokens.extend(out.token_ids);
+            finished |= out.finish.is_some();
+        }
+    }
+    Ok(tokens)
 }
 
 /// An engine on the GPU for fixture `model` (its directory under `--fixtures`, else the preset of that name).
@@ -1066,14 +1073,5 @@ fn disaggregated<P: Backend, D: Backend>(
     let id = u64::MAX - 1;
     let remote = decode.add_remote_prefill_request(id, prompt, params.clone())?;
     let first = prefill.prefill_remote(&remote, &params, &mut |chunk| decode.import_kv_block(id, &chunk))?;
-    let out = decode.finish_remote_prefill(id, first)?;
-    let mut tokens = out.token_ids;
-    let mut finished = out.finish.is_some();
-    while !finished {
-        for out in decode.step()? {
-            tokens.extend(out.token_ids);
-            finished |= out.finish.is_some();
-        }
-    }
-    Ok(tokens)
+    decode_to_end(decode, id, first)
 }

@@ -298,9 +298,10 @@ async fn send_all(conn: &mut Framed<TcpStream, FrameCodec>, prompts: &[Vec<u32>]
     }
 }
 
-#[tokio::test]
-async fn disaggregated_workers_give_the_aggregated_tokens() {
-    let (_prefill, decode) = linked_pair("tiny").await;
+/// Sends [`long_prompts`] to a decode worker linked to a prefill worker: each gets the in-process engine's tokens,
+/// and the three of 16 tokens or more went to the prefill worker (the 3-token one stayed local). Returns the
+/// connection.
+async fn long_prompts_give_the_aggregated_tokens(decode: &Worker) -> Framed<TcpStream, FrameCodec> {
     let mut conn = connect(&decode.addr).await;
     let prompts = long_prompts();
     send_all(&mut conn, &prompts, 10).await;
@@ -308,16 +309,22 @@ async fn disaggregated_workers_give_the_aggregated_tokens() {
     for ((id, tokens, _), p) in done.iter().zip(&prompts) {
         assert_eq!(tokens, &in_process(p, 10), "request {id} ({} prompt tokens)", p.len());
     }
-    // The three prompts of 16 tokens or more went to the prefill worker; the 3-token one stayed local.
     assert_eq!(
         decode.log_count("prefilled remotely"),
         3,
         "{:?}",
         decode.log.lock().unwrap()
     );
+    conn
+}
+
+#[tokio::test]
+async fn disaggregated_workers_give_the_aggregated_tokens() {
+    let (_prefill, decode) = linked_pair("tiny").await;
+    let mut conn = long_prompts_give_the_aggregated_tokens(&decode).await;
 
     // 45 tokens, but the first 32 are in the decode worker's prefix cache: 13 uncached tokens stay local.
-    let extended: Vec<u32> = prompts[0].iter().copied().chain([1, 2, 3, 4, 5]).collect();
+    let extended: Vec<u32> = long_prompts()[0].iter().copied().chain([1, 2, 3, 4, 5]).collect();
     conn.send(Message::Generate(Generate {
         id: 20,
         prompt_ids: extended.clone(),
@@ -348,19 +355,7 @@ async fn a_colocated_prefill_worker_writes_kv_in_process_and_gives_the_aggregate
     ]);
     decode.wait_for_log("linked to prefill worker").await;
     assert_eq!(decode.log_count("KV in process"), 1, "{:?}", decode.log.lock().unwrap());
-    let mut conn = connect(&decode.addr).await;
-    let prompts = long_prompts();
-    send_all(&mut conn, &prompts, 10).await;
-    let done = collect(&mut conn, prompts.len()).await;
-    for ((id, tokens, _), p) in done.iter().zip(&prompts) {
-        assert_eq!(tokens, &in_process(p, 10), "request {id} ({} prompt tokens)", p.len());
-    }
-    assert_eq!(
-        decode.log_count("prefilled remotely"),
-        3,
-        "{:?}",
-        decode.log.lock().unwrap()
-    );
+    long_prompts_give_the_aggregated_tokens(&decode).await;
     // The same pair in two processes moves KV over TCP.
     let (_prefill, apart) = linked_pair("tiny").await;
     assert_eq!(apart.log_count("KV over TCP"), 1, "{:?}", apart.log.lock().unwrap());

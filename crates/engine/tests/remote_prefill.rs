@@ -7,7 +7,7 @@ mod common;
 use cleave_engine::backend::cpu::CpuBackend;
 use cleave_engine::engine::{Engine, EngineConfig, KvBlockChunk, RequestParams};
 use cleave_engine::sampler::SamplingParams;
-use common::{engine, greedy, prompt};
+use common::{decode_to_end, engine, greedy, prompt};
 
 const VOCAB: usize = 258;
 
@@ -219,15 +219,8 @@ fn in_process_peer_copies_give_the_aggregated_tokens() {
         let first = prefill
             .prefill_remote_to_peer(&remote, &greedy(12), &peer, &dst, &mut || Ok(()))
             .unwrap();
-        let out = decode.finish_remote_prefill(id, first).unwrap();
-        let mut tokens = out.token_ids;
-        let mut finished = out.finish.is_some();
-        while !finished {
-            for out in decode.step().unwrap() {
-                tokens.extend(out.token_ids);
-                finished |= out.finish.is_some();
-            }
-        }
+        let first_out = decode.finish_remote_prefill(id, first).unwrap();
+        let tokens = decode_to_end(&mut decode, first_out);
         assert_eq!(tokens, aggregated(p, greedy(12)), "prompt of {len} tokens");
     }
     prefill.close_peer_kv_cache(peer);

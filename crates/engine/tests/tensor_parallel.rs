@@ -14,7 +14,7 @@ use cleave_engine::engine::{Engine, EngineConfig, RequestParams};
 use cleave_engine::presets::{ResolvedModel, preset};
 use cleave_engine::tokenizer::Tokenizer;
 use cleave_engine::weights::DummyWeights;
-use common::{ReferenceModel, greedy, max_rel_err, prompt, resolve};
+use common::{ReferenceModel, decode_to_end, greedy, max_rel_err, prompt, resolve};
 
 const VOCAB: usize = 258;
 const TOLERANCE: f32 = 1e-4;
@@ -201,15 +201,8 @@ fn disaggregated<P: Backend, D: Backend>(
     let first = prefill
         .prefill_remote(&remote, &params, &mut |chunk| decode.import_kv_block(id, &chunk))
         .unwrap();
-    let out = decode.finish_remote_prefill(id, first).unwrap();
-    let mut tokens = out.token_ids;
-    let mut finished = out.finish.is_some();
-    while !finished {
-        for out in decode.step().unwrap() {
-            tokens.extend(out.token_ids);
-            finished |= out.finish.is_some();
-        }
-    }
+    let first_out = decode.finish_remote_prefill(id, first).unwrap();
+    let tokens = decode_to_end(decode, first_out);
     assert_eq!(decode.block_pool().n_in_use(), 0);
     assert_eq!(prefill.block_pool().n_in_use(), 0);
     tokens

@@ -5,9 +5,10 @@
 
 use std::path::PathBuf;
 
+use cleave_engine::backend::Backend;
 use cleave_engine::backend::cpu::CpuBackend;
 use cleave_engine::config::ModelConfig;
-use cleave_engine::engine::{Engine, EngineConfig, RequestParams};
+use cleave_engine::engine::{Engine, EngineConfig, RequestOutput, RequestParams};
 use cleave_engine::presets::{ResolvedModel, resolve_model};
 use cleave_engine::weights::WeightSource;
 
@@ -27,6 +28,19 @@ pub fn resolve(model: &str) -> ResolvedModel {
 
 pub fn engine(model: &str, config: EngineConfig) -> Engine<CpuBackend> {
     Engine::new(CpuBackend, resolve(model), config).expect("engine builds")
+}
+
+/// Steps `engine` until the request whose first output is `first` (the only one running) finishes; its tokens.
+pub fn decode_to_end<B: Backend>(engine: &mut Engine<B>, first: RequestOutput) -> Vec<u32> {
+    let mut tokens = first.token_ids;
+    let mut finished = first.finish.is_some();
+    while !finished {
+        for out in engine.step().unwrap() {
+            tokens.extend(out.token_ids);
+            finished |= out.finish.is_some();
+        }
+    }
+    tokens
 }
 
 pub fn greedy(max_tokens: usize) -> RequestParams {
