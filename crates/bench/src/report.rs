@@ -89,14 +89,16 @@ pub fn run_table(run: &Run) -> String {
     );
     let _ = writeln!(
         out,
-        "throughput   {:.2} req/s; tokens/s in {:.1}, out {:.1}, total {:.1}; per GPU ({}) out {:.1}, total {:.1}",
+        "throughput   {:.2} req/s; tokens/s in {:.1}, out {:.1}, total {:.1}; per GPU ({}) out {:.1}, total {:.1}; \
+         per user out {:.1}",
         s.requests_per_s,
         s.input_tokens_per_s,
         s.output_tokens_per_s,
         s.total_tokens_per_s,
         s.gpus,
         s.output_tokens_per_s_per_gpu,
-        s.total_tokens_per_s_per_gpu
+        s.total_tokens_per_s_per_gpu,
+        s.output_tokens_per_s_per_user
     );
     let _ = writeln!(
         out,
@@ -207,11 +209,13 @@ pub fn comparison_table(runs: &[Run]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<width$} {:>6} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>7} {:>8} {:>6}",
+        "{:<width$} {:>6} {:>7} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>7} {:>8} {:>6}",
         "target",
         "rate",
         "req/s",
         "out tok/s",
+        "/GPU",
+        "/user",
         "TTFT p50",
         "TTFT p99",
         "ITL p50",
@@ -236,11 +240,13 @@ pub fn comparison_table(runs: &[Run]) -> String {
         let target: String = run.target.chars().skip(n_chars.saturating_sub(width)).collect();
         let _ = writeln!(
             out,
-            "{:<width$} {:>6} {:>7.2} {:>9.1} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>7} {:>8} {:>6}",
+            "{:<width$} {:>6} {:>7.2} {:>9.1} {:>9.1} {:>8.1} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>7} {:>8} {:>6}",
             target,
             rate_label(run.rate),
             s.requests_per_s,
             s.output_tokens_per_s,
+            s.output_tokens_per_s_per_gpu,
+            s.output_tokens_per_s_per_user,
             p(&s.ttft_ms, |p| p.p50),
             p(&s.ttft_ms, |p| p.p99),
             p(&s.itl_ms, |p| p.p50),

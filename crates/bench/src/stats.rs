@@ -96,6 +96,12 @@ impl Slo {
     }
 }
 
+/// The mean of `xs`; 0 when empty.
+fn mean(xs: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 { 0.0 } else { sum / n as f64 }
+}
+
 /// The p99 of one request's inter-token gaps; `None` without gaps.
 pub fn request_itl_p99_ms(record: &RequestRecord) -> Option<f64> {
     if record.itl_ms.is_empty() {
@@ -122,6 +128,10 @@ pub struct Summary {
     pub gpus: u32,
     pub output_tokens_per_s_per_gpu: f64,
     pub total_tokens_per_s_per_gpu: f64,
+    /// Decode speed one user sees: the mean over requests of 1000 / TPOT (output tokens/s/user, the x-axis of
+    /// throughput-per-GPU curves); 0 without a request of two or more tokens.
+    #[serde(default)]
+    pub output_tokens_per_s_per_user: f64,
     pub ttft_ms: Option<Percentiles>,
     /// All gaps of all successful requests, pooled.
     pub itl_ms: Option<Percentiles>,
@@ -186,6 +196,7 @@ impl Summary {
             gpus,
             output_tokens_per_s_per_gpu: per_s(output_tokens) / gpus_f,
             total_tokens_per_s_per_gpu: per_s(input_tokens + output_tokens) / gpus_f,
+            output_tokens_per_s_per_user: mean(ok.iter().filter_map(|r| r.tpot_ms).map(|t| 1e3 / t)),
             ttft_ms: Percentiles::of(ok.iter().filter_map(|r| r.ttft_ms).collect()),
             itl_ms: Percentiles::of(ok.iter().flat_map(|r| r.itl_ms.iter().copied()).collect()),
             tpot_ms: Percentiles::of(ok.iter().filter_map(|r| r.tpot_ms).collect()),
@@ -378,6 +389,14 @@ mod tests {
             summary.total_tokens_per_s,
             (out as f64 + 100.0 * ok.len() as f64) / 50.0
         );
+        // Per user: each request with gaps contributes (gaps) / (decode time) tokens per second.
+        let speeds: Vec<f64> = ok
+            .iter()
+            .filter(|r| !r.itl_ms.is_empty())
+            .map(|r| r.itl_ms.len() as f64 / (r.itl_ms.iter().sum::<f64>() / 1e3))
+            .collect();
+        let per_user = speeds.iter().sum::<f64>() / speeds.len() as f64;
+        assert!((summary.output_tokens_per_s_per_user - per_user).abs() < 1e-9 * per_user);
         let all_gaps: Vec<f64> = ok.iter().flat_map(|r| r.itl_ms.clone()).collect();
         assert_eq!(summary.itl_ms.clone().unwrap().n, all_gaps.len());
         assert!((summary.itl_ms.unwrap().p99 - naive_percentile(&all_gaps, 99.0)).abs() < 1e-9);
