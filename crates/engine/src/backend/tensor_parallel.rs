@@ -24,6 +24,7 @@ use super::{AttentionShape, Backend, KvCacheExport, KvLayout, PeerKvCache, Sampl
 use crate::error::{Error, Result};
 use crate::rope::Rope;
 use crate::weights::{HostData, HostTensor};
+use rayon::prelude::*;
 
 /// A backend that can be one rank of a [`Tp`]: it can join a reduction group with its peers.
 pub trait RankBackend: Backend + Sized {
@@ -338,10 +339,26 @@ fn tp_error(message: String) -> Error {
 pub fn shard(tensor: &HostTensor, split: &WeightSplit, rank: usize, n: usize) -> Result<HostTensor> {
     let (shape, take) = shard_plan(&tensor.shape, split, rank, n)?;
     let data = match &tensor.data {
-        HostData::F32(v) => HostData::F32(take.iter().flat_map(|r| &v[r.clone()]).copied().collect()),
-        HostData::BF16(v) => HostData::BF16(take.iter().flat_map(|r| &v[r.clone()]).copied().collect()),
+        HostData::F32(v) => HostData::F32(gather(v, &take)),
+        HostData::BF16(v) => HostData::BF16(gather(v, &take)),
     };
     Ok(HostTensor { shape, data })
+}
+
+/// The elements of `src` in `take`, concatenated, copied in parallel: a rank's shards of a 70B model are 70 GB, which
+/// an element-wise collect took over 5 minutes to gather on the GPU host (measured there).
+fn gather<T: Copy + Default + Send + Sync>(src: &[T], take: &[std::ops::Range<usize>]) -> Vec<T> {
+    const CHUNK: usize = 1 << 20;
+    let mut out = vec![T::default(); take.iter().map(ExactSizeIterator::len).sum()];
+    let mut pieces = Vec::new();
+    let mut rest = out.as_mut_slice();
+    for range in take {
+        let (dst, tail) = rest.split_at_mut(range.len());
+        pieces.extend(dst.chunks_mut(CHUNK).zip(src[range.clone()].chunks(CHUNK)));
+        rest = tail;
+    }
+    pieces.into_par_iter().for_each(|(d, s)| d.copy_from_slice(s));
+    out
 }
 
 /// The shard's shape and the element ranges of the whole tensor it is made of, in order.
