@@ -3,6 +3,7 @@
 # --tp N` (greedy tokens at N GPUs against one GPU on the fixtures, a 4-KV-head f32 model and the Llama-3-8B shape;
 # KV moved between TP layouts), the engine benchmark at the 8B shape at TP 1 and TP 2, and — on 4 GPUs — the
 # Llama-3-70B shape served as prefill TP2 + decode TP2 against two TP2 aggregated workers. Results go to $1.
+# PHASES (default correctness,engine,70b) picks the parts.
 set -euo pipefail
 out=${1:-tp-results}
 bin=${CLEAVE_BIN:-target/release/cleave}
@@ -21,27 +22,33 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee 
 nvidia-smi topo -m 2>&1 | tee "$out/topo.txt" || true
 n_gpus=$(nvidia-smi -L | wc -l)
 
+phases=${PHASES:-correctness,engine,70b}
+
 # 1. Correctness: N GPUs against one.
-for tp in 2 4; do
-    [ "$n_gpus" -ge "$tp" ] || continue
-    "$bin" selftest --tp "$tp" --json-out "$out/selftest-tp$tp.json" 2>&1 | tee "$out/selftest-tp$tp.txt" \
-        || echo "selftest --tp $tp FAILED"
-done
+if [[ $phases == *correctness* ]]; then
+    for tp in 2 4; do
+        [ "$n_gpus" -ge "$tp" ] || continue
+        "$bin" selftest --tp "$tp" --json-out "$out/selftest-tp$tp.json" 2>&1 | tee "$out/selftest-tp$tp.txt" \
+            || echo "selftest --tp $tp FAILED"
+    done
+fi
 
 # 2. The engine alone at the 8B shape, one GPU against two (decode runs op by op at TP 2: no CUDA graphs yet).
-for tp in 1 2; do
-    "$bin" bench-engine --backend cuda --model llama3-8b --tp "$tp" --prompt-tokens 2048,8192 --batch 1,64 \
-        --context 1024 --decode-steps 32 --repeat 2 > "$out/bench-engine-tp$tp.json" 2> "$out/bench-engine-tp$tp.log" \
-        || echo "bench-engine --tp $tp FAILED"
-done
-CLEAVE_CUDA_GRAPHS=0 "$bin" bench-engine --backend cuda --model llama3-8b --prompt-tokens 2048 --batch 1,64 \
-    --context 1024 --decode-steps 32 --repeat 2 > "$out/bench-engine-tp1-no-graphs.json" 2> /dev/null || true
+if [[ $phases == *engine* ]]; then
+    for tp in 1 2; do
+        "$bin" bench-engine --backend cuda --model llama3-8b --tp "$tp" --prompt-tokens 2048,8192 --batch 1,64 \
+            --context 1024 --decode-steps 32 --repeat 2 > "$out/bench-engine-tp$tp.json" 2> "$out/bench-engine-tp$tp.log" \
+            || echo "bench-engine --tp $tp FAILED"
+    done
+fi
 
-# 3. Four GPUs: Llama-3-70B shape, prefill TP2 + decode TP2 against two TP2 aggregated workers, same workload.
-if [ "$n_gpus" -ge 4 ]; then
-    "$bin" bench --compare deploy/llama3-70b-tp2-aggregated.yaml deploy/llama3-70b-tp2-disaggregated.yaml \
-        --rates "${RATES:-0.5,1}" --num-requests "${NUM_REQUESTS:-40}" --seed 1 \
-        --input-len "mix:0.9*lognormal:512:1.0:16:4096,0.1*uniform:4096:16384" --output-len fixed:128 \
-        --vocab-size 128000 --gpus 4 --slo-ttft-ms 4000 --slo-itl-ms 100 \
-        --output-json "$out/llama3-70b-tp2.json" --plot-dir "$out/plots" 2>&1 | tee "$out/llama3-70b-tp2.txt"
+# 3. Four GPUs: Llama-3-70B shape, prefill TP2 + decode TP2 against two TP2 aggregated workers, the workload of
+# NVIDIA's published disaggregation result (ISL 3000, OSL 150), over a sweep of rates for the curve of throughput per
+# GPU against tokens/s per user. SPECS picks the deployments (one per device call fits the time limit).
+if [[ $phases == *70b* ]] && [ "$n_gpus" -ge 4 ]; then
+    specs=(${SPECS:-deploy/llama3-70b-tp2-aggregated.yaml deploy/llama3-70b-tp2-disaggregated.yaml})
+    "$bin" bench --compare "${specs[@]}" \
+        --rates "${RATES:-0.5,1,2,4}" --num-requests "${NUM_REQUESTS:-30}" --seed 1 \
+        --input-len fixed:3000 --output-len fixed:150 --vocab-size 128000 --gpus 4 \
+        --output-json "$out/llama3-70b-tp2.json" --serve-log-dir "$out/serve-logs" 2>&1 | tee "$out/llama3-70b-tp2.txt"
 fi
