@@ -69,16 +69,25 @@ impl Tokenizer {
         match self {
             Self::HuggingFace(hf) => match &hf.fast {
                 Some(fast) => Ok(fast.encode(text, add_special_tokens)),
-                None => hf
-                    .tokenizer
-                    .encode(text, add_special_tokens)
-                    .map(|e| e.get_ids().to_vec())
-                    .map_err(|e| Error::Tokenizer(format!("encode: {e}"))),
+                None => self.encode_with_tokenizers_crate(text, add_special_tokens),
             },
             Self::Bytes => {
                 let bos = add_special_tokens.then_some(BYTE_BOS);
                 Ok(bos.into_iter().chain(text.bytes().map(u32::from)).collect())
             }
+        }
+    }
+
+    /// [`Self::encode_with`] through the `tokenizers` crate even where the fast encoder would serve: the reference, for
+    /// benchmarks and checks.
+    pub fn encode_with_tokenizers_crate(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        match self {
+            Self::HuggingFace(hf) => hf
+                .tokenizer
+                .encode(text, add_special_tokens)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| Error::Tokenizer(format!("encode: {e}"))),
+            Self::Bytes => self.encode_with(text, add_special_tokens),
         }
     }
 
