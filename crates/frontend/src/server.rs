@@ -251,12 +251,20 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) -> Res
     }
 }
 
-/// Prompts longer than this (bytes) are tokenized on the blocking pool: a 1k-token prompt takes ~0.5 ms of CPU
-/// (docs/benchmarks.md), which would hold up every other request on the same async worker thread.
+/// Prompts longer than this (bytes) are tokenized on the blocking pool, so that tokenizing holds up the other requests
+/// on the same async worker thread for at most ~0.1-0.2 ms. `tokenizers` takes ~0.6 ms for a 1k-token (4 kB) prompt,
+/// the byte-level BPE encoder ~0.03 ms (docs/benchmarks.md): with it, prompts up to ~4k tokens skip the hand-off to
+/// the blocking pool, which costs more than tokenizing them.
 const TOKENIZE_INLINE_BYTES_MAX: usize = 1024;
+const TOKENIZE_INLINE_BYTES_MAX_FAST_ENCODER: usize = 16 * 1024;
 
 async fn encode(state: &Arc<AppState>, text: String, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
-    if text.len() <= TOKENIZE_INLINE_BYTES_MAX {
+    let inline_bytes_max = if state.model.tokenizer.encodes_fast() {
+        TOKENIZE_INLINE_BYTES_MAX_FAST_ENCODER
+    } else {
+        TOKENIZE_INLINE_BYTES_MAX
+    };
+    if text.len() <= inline_bytes_max {
         return state.model.encode(&text, add_special_tokens);
     }
     let state = state.clone();
