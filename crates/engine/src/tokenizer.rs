@@ -1,7 +1,8 @@
 //! Text ↔ token ids: Hugging Face `tokenizer.json` through the `tokenizers` crate, or a built-in byte-level tokenizer
 //! for presets. Byte-level BPE files (GPT-2, Llama 3, Qwen2 families) are encoded by [`byte_bpe`], which gives the ids
-//! `tokenizers` gives several times faster and declines, at load, any file it does not reproduce exactly. [`IncrementalDecoder`] turns a growing list of ids into text deltas that never split a UTF-8
-//! character; [`StopStrings`] finds stop strings across token boundaries while streaming.
+//! `tokenizers` gives several times faster and declines, at load, any file it does not reproduce exactly.
+//! [`IncrementalDecoder`] turns a growing list of ids into text deltas that never split a UTF-8 character;
+//! [`StopStrings`] finds stop strings across token boundaries while streaming.
 
 mod byte_bpe;
 mod split;

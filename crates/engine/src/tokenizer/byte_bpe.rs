@@ -125,8 +125,8 @@ impl ByteLevelBpe {
         {
             return unsupported("continuing_subword_prefix or end_of_word_suffix");
         }
-        // `unk_token`, `fuse_unk` and `byte_fallback` only act on a character missing from the vocabulary, and byte-level
-        // text has none: every byte's character is required below.
+        // `unk_token`, `fuse_unk` and `byte_fallback` only act on a character missing from the vocabulary, and
+        // byte-level text has none: every byte's character is required below.
         let vocab = bpe.get_vocab();
         let char_bytes = byte_level_bytes();
         let byte_chars = byte_level_chars();

@@ -244,8 +244,8 @@ impl Classes {
     /// whitespace run `[p, e)`:
     /// - `\s*[\r\n]+` (Llama 3 only, `newline_alternative`): `\s*` gives back characters until `[\r\n]+` matches, so
     ///   the match ends just after the run's last `\r` or `\n`, if it has one;
-    /// - `\s+(?!\S)`: the whole run at the end of the text; otherwise `\s+` gives back its last character (then followed
-    ///   by whitespace), which needs a run of two or more;
+    /// - `\s+(?!\S)`: the whole run at the end of the text; otherwise `\s+` gives back its last character (then
+    ///   followed by whitespace), which needs a run of two or more;
     /// - `\s+`: the whole run (one character followed by a non-space).
     fn whitespace_end(&self, s: &[u8], p: usize, newline_alternative: bool) -> usize {
         let mut end = p;
