@@ -89,7 +89,7 @@ mod gpu {
             .export_kv_cache(&pool)
             .context("the KV pool cannot be exported through CUDA IPC")?;
         let line = json!({
-            "handle": export.handle,
+            "handles": export.handles,
             "layer_bytes": export.layer_bytes,
             "block_bytes": export.block_bytes,
             "n_layers": export.n_layers,
@@ -132,7 +132,7 @@ mod gpu {
         let export: serde_json::Value = serde_json::from_str(&line).context("the child's pool export")?;
         let export = KvCacheExport {
             kind: KvShareKind::CudaIpc,
-            handle: serde_json::from_value(export["handle"].clone())?,
+            handles: serde_json::from_value(export["handles"].clone())?,
             layer_bytes: export["layer_bytes"].as_u64().context("layer_bytes")?,
             block_bytes: export["block_bytes"].as_u64().context("block_bytes")?,
             n_layers: export["n_layers"].as_u64().context("n_layers")? as u32,

@@ -12,8 +12,8 @@
 //! - Chunked prefill of 9k–31k-token prompts beside sampled decodes at the Llama-3-8B shape, the KV pool sized as a
 //!   worker sizes it: every request finishes, and each long prompt's greedy tokens equal its tokens alone.
 //!
-//! `--tp N` checks tensor parallelism instead (see [`tp_selftest`]): greedy tokens at N GPUs against one GPU, and
-//! KV moved between the two layouts.
+//! `--tp N` checks tensor parallelism instead (see [`tp_selftest`]): greedy tokens at N GPUs against one GPU, KV
+//! moved between the two layouts, and KV copied rank to rank between two engines of N GPUs.
 
 use std::path::{Path, PathBuf};
 
@@ -1167,6 +1167,53 @@ fn tp_selftest(args: &SelftestArgs, tp: usize) -> Result<()> {
             println!("{r}");
             if !mismatches.is_empty() {
                 failures.push("kv resharding".into());
+            }
+            results.push(r);
+            drop(one);
+
+            // Rank-to-rank peer copies between two engines of `tp` ranks in this process: the decode engine on the
+            // next `tp` GPUs where there are that many (each prefill rank then writes over the link to its peer),
+            // else on the same ones.
+            let n_gpus = cleave_engine::backend::cuda::probe()?;
+            let decode_devices: Vec<usize> = match devices.iter().all(|&d| d + tp < n_gpus) {
+                true => devices.iter().map(|&d| d + tp).collect(),
+                false => devices.clone(),
+            };
+            let mut decode = Engine::new(
+                tensor_parallel(&decode_devices, &c)?,
+                tp_model(&args.fixtures, name)?,
+                engine_config.clone(),
+            )?;
+            let export = decode
+                .export_kv_cache_in_process()
+                .context("a tensor-parallel CUDA engine did not export its KV pools in process")?;
+            let peer = split.open_peer_kv_cache(&export)?;
+            let params = RequestParams {
+                max_tokens: n_tokens,
+                ignore_eos: true,
+                ..Default::default()
+            };
+            let mut mismatches = Vec::new();
+            for (i, p) in prompts(c.vocab_size).into_iter().enumerate() {
+                let id = i as u64;
+                let remote = decode.add_remote_prefill_request(id, p, params.clone())?;
+                let dst = decode.parked_blocks(id).context("the parked request's blocks")?;
+                let first = split.prefill_remote_to_peer(&remote, &params, &peer, &dst, &mut || Ok(()))?;
+                if decode_to_end(&mut decode, id, first)? != runs_one[i].0 {
+                    mismatches.push(format!("prompt {i}"));
+                }
+            }
+            split.close_peer_kv_cache(peer);
+            let leaked = decode.block_pool().n_in_use() + split.block_pool().n_in_use();
+            let r = json!({
+                "check": format!("in-process KV tp {tp} -> tp {tp}, GPUs {devices:?} -> {decode_devices:?}: wide (f32)"),
+                "pass": mismatches.is_empty() && leaked == 0,
+                "tokens": format!("{}/{} same", runs_one.len() - mismatches.len(), runs_one.len()),
+                "note": if leaked > 0 { format!("{leaked} blocks left in use") } else { mismatches.join("; ") },
+            });
+            println!("{r}");
+            if r["pass"] != true {
+                failures.push("in-process KV between tensor-parallel engines".into());
             }
             results.push(r);
         }

@@ -343,19 +343,29 @@ async fn disaggregated_workers_give_the_aggregated_tokens() {
 }
 
 /// Both roles in one process (`--colocated-prefill`): the prefill worker writes KV straight into the decode
-/// worker's pool (the in-process transport), and the tokens are the aggregated engine's.
+/// worker's pool (the in-process transport; at 2 ranks each rank into its own), and the tokens are the aggregated
+/// engine's.
 #[tokio::test]
 async fn a_colocated_prefill_worker_writes_kv_in_process_and_gives_the_aggregated_tokens() {
-    let decode = start_worker_with(&[
-        "--role",
-        "decode",
-        "--colocated-prefill",
-        "--remote-prefill-tokens-min",
-        "16",
-    ]);
-    decode.wait_for_log("linked to prefill worker").await;
-    assert_eq!(decode.log_count("KV in process"), 1, "{:?}", decode.log.lock().unwrap());
-    long_prompts_give_the_aggregated_tokens(&decode).await;
+    for tp in ["1", "2"] {
+        let decode = start_worker_with(&[
+            "--role",
+            "decode",
+            "--colocated-prefill",
+            "--tp",
+            tp,
+            "--remote-prefill-tokens-min",
+            "16",
+        ]);
+        decode.wait_for_log("linked to prefill worker").await;
+        assert_eq!(
+            decode.log_count("KV in process"),
+            1,
+            "tp {tp}: {:?}",
+            decode.log.lock().unwrap()
+        );
+        long_prompts_give_the_aggregated_tokens(&decode).await;
+    }
     // The same pair in two processes moves KV over TCP.
     let (_prefill, apart) = linked_pair("tiny").await;
     assert_eq!(apart.log_count("KV over TCP"), 1, "{:?}", apart.log.lock().unwrap());

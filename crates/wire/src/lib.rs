@@ -94,15 +94,19 @@ pub struct Hello {
 pub struct KvPoolShare {
     /// Identifies the host (machine id and boot id): the handle means nothing elsewhere.
     pub host: String,
-    /// The backend's CUDA IPC handle to the pool's allocation, hex; empty where the backend has none (the CPU).
-    pub handle: String,
-    /// Identifies the process (pid and a random nonce): `in_process_handle` means nothing outside it.
+    /// Per tensor-parallel rank, the backend's CUDA IPC handle to that rank's pool, hex; empty where the backend has
+    /// none (the CPU). A prefill worker maps them only if it has as many ranks (rank `r` writes into rank `r`'s).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub handles: Vec<String>,
+    /// Identifies the process (pid and a random nonce): `in_process_handles` mean nothing outside it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<String>,
-    /// The pool's address in that process, hex (8 bytes, little endian).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub in_process_handle: Option<String>,
+    /// Per rank, the pool's address in that process, hex (8 bytes, little endian).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_process_handles: Vec<String>,
+    /// Bytes from one layer to the next in one rank's pool.
     pub layer_bytes: u64,
+    /// Bytes of one block of one layer in one rank's pool.
     pub block_bytes: u64,
     pub n_layers: u32,
 }

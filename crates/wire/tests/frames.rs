@@ -31,9 +31,9 @@ fn all_messages() -> Vec<Message> {
             kv_block_bytes: 4096,
             kv_share: Some(KvPoolShare {
                 host: "0123abcd-1".into(),
-                handle: "00ff".repeat(32),
+                handles: vec!["00ff".repeat(32), "ff00".repeat(32)],
                 process: Some("4242-00ff00ff00ff00ff".into()),
-                in_process_handle: Some("0010203040506070".into()),
+                in_process_handles: vec!["0010203040506070".into(), "0011223344556677".into()],
                 layer_bytes: 1 << 30,
                 block_bytes: 65536,
                 n_layers: 32,

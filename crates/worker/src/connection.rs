@@ -87,9 +87,9 @@ async fn serve_connection(
         let mut reply = hello.clone();
         if hello.role == Role::Prefill && peer.role == Role::Decode {
             let offered = peer.kv_share.as_ref().and_then(|share| {
-                if share.process.as_deref() == Some(crate::process_id()) && share.in_process_handle.is_some() {
+                if share.process.as_deref() == Some(crate::process_id()) && !share.in_process_handles.is_empty() {
                     Some((share, Transport::InProcess))
-                } else if share.host == crate::host_id() && !share.handle.is_empty() {
+                } else if share.host == crate::host_id() && !share.handles.is_empty() {
                     Some((share, Transport::CudaIpc))
                 } else {
                     None

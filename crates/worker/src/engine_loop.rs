@@ -482,21 +482,23 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
     /// Prefill role: maps a decode worker's KV pool, by address when it lives in this process, else through CUDA
     /// IPC. False (KV then moves over TCP) if it cannot.
     fn open_peer(&mut self, conn: u64, share: &KvPoolShare, in_process: bool) -> bool {
-        let (kind, hex) = match in_process {
-            true => (
-                KvShareKind::InProcess,
-                share.in_process_handle.as_deref().unwrap_or_default(),
-            ),
-            false => (KvShareKind::CudaIpc, share.handle.as_str()),
+        let (kind, hexes) = match in_process {
+            true => (KvShareKind::InProcess, &share.in_process_handles),
+            false => (KvShareKind::CudaIpc, &share.handles),
         };
-        let handle: Option<Vec<u8>> = (0..hex.len())
-            .step_by(2)
-            .map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-            .collect();
-        let Some(handle) = handle else { return false };
+        let unhex = |hex: &str| -> Option<Vec<u8>> {
+            (0..hex.len())
+                .step_by(2)
+                .map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+                .collect()
+        };
+        let Some(handles) = hexes.iter().map(|h| unhex(h)).collect::<Option<Vec<_>>>() else {
+            tracing::warn!(conn, "the decode worker's KV pool handle is not hex: KV moves over TCP");
+            return false;
+        };
         let export = KvCacheExport {
             kind,
-            handle,
+            handles,
             layer_bytes: share.layer_bytes,
             block_bytes: share.block_bytes,
             n_layers: share.n_layers,

@@ -192,7 +192,10 @@ pub fn serve<B: Backend>(mut engine: Engine<B>, mut config: WorkerConfig) -> std
         let handle = runtime.handle().clone();
         Box::new(move || hook(addr, &handle)) as Box<dyn FnOnce()>
     });
-    let shared_in_process = hello.kv_share.as_ref().is_some_and(|s| s.in_process_handle.is_some());
+    let shared_in_process = hello
+        .kv_share
+        .as_ref()
+        .is_some_and(|s| !s.in_process_handles.is_empty());
     engine_loop::EngineLoop::new(
         &mut engine,
         &config,
@@ -217,9 +220,9 @@ fn kv_pool_share<B: Backend>(engine: &Engine<B>) -> Option<KvPoolShare> {
     let geometry = ipc.as_ref().or(local.as_ref())?;
     Some(KvPoolShare {
         host: host_id(),
-        handle: ipc.as_ref().map(|e| hex(&e.handle)).unwrap_or_default(),
+        handles: ipc.iter().flat_map(|e| e.handles.iter().map(|h| hex(h))).collect(),
         process: local.as_ref().map(|_| process_id().to_string()),
-        in_process_handle: local.as_ref().map(|e| hex(&e.handle)),
+        in_process_handles: local.iter().flat_map(|e| e.handles.iter().map(|h| hex(h))).collect(),
         layer_bytes: geometry.layer_bytes,
         block_bytes: geometry.block_bytes,
         n_layers: geometry.n_layers,

@@ -348,7 +348,7 @@ impl Backend for CpuBackend {
         let layout = cache.layout;
         Some(KvCacheExport {
             kind: KvShareKind::InProcess,
-            handle: (cache.pool.as_ptr() as u64).to_le_bytes().to_vec(),
+            handles: vec![(cache.pool.as_ptr() as u64).to_le_bytes().to_vec()],
             layer_bytes: (cache.layer_elems() * 4) as u64,
             block_bytes: (layout.block_elems() * 4) as u64,
             n_layers: layout.n_layers as u32,
@@ -356,10 +356,10 @@ impl Backend for CpuBackend {
     }
 
     fn open_peer_kv_cache(&self, export: &KvCacheExport) -> Result<PeerKvCache> {
-        match (export.kind, <[u8; 8]>::try_from(export.handle.as_slice())) {
+        match (export.kind, <[u8; 8]>::try_from(export.single_handle()?)) {
             (KvShareKind::InProcess, Ok(address)) => Ok(PeerKvCache {
                 kind: KvShareKind::InProcess,
-                base: u64::from_le_bytes(address),
+                bases: vec![u64::from_le_bytes(address)],
                 layer_bytes: export.layer_bytes,
                 block_bytes: export.block_bytes,
                 n_layers: export.n_layers,
@@ -392,6 +392,7 @@ impl Backend for CpuBackend {
                 ),
             });
         }
+        let base = peer.single_base()?;
         let src_layer = cache.layer(layer_idx);
         for &(src, dst) in blocks {
             if src as usize >= cache.layout.n_blocks || dst as u64 >= peer_blocks {
@@ -401,8 +402,8 @@ impl Backend for CpuBackend {
                 });
             }
             let from = &src_layer[src as usize * elems..][..elems];
-            let to = peer.base + layer_idx as u64 * peer.layer_bytes + dst as u64 * peer.block_bytes;
-            // SAFETY: `peer.base` is the start of a live CpuKvCache of this process (its decode worker keeps it
+            let to = base + layer_idx as u64 * peer.layer_bytes + dst as u64 * peer.block_bytes;
+            // SAFETY: `base` is the start of a live CpuKvCache of this process (its decode worker keeps it
             // alive for the process's life once exported) and the range is inside it (checked above). The block
             // belongs to the request being prefilled, which the owner does not touch until told it is done.
             unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), to as *mut f32, elems) };

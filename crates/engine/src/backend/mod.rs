@@ -27,29 +27,81 @@ pub enum KvShareKind {
 }
 
 /// A KV cache as exported for peers (another process on the same host, or another engine in this process): the
-/// handle of its one allocation and the geometry to find a block of a layer in it. Peers must run the same model
-/// (same layers and block bytes).
+/// handle of each tensor-parallel rank's allocation and the geometry to find a block of a layer in it. Peers must run
+/// the same model (same layers and block bytes) split over as many ranks: rank `r` copies into rank `r`'s share.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvCacheExport {
     pub kind: KvShareKind,
-    /// The backend's handle to the allocation: a `CUipcMemHandle` (64 bytes), or the address (8 bytes, little endian).
-    pub handle: Vec<u8>,
-    /// Bytes from one layer to the next.
+    /// Per rank, the backend's handle to the allocation: a `CUipcMemHandle` (64 bytes), or the address (8 bytes,
+    /// little endian).
+    pub handles: Vec<Vec<u8>>,
+    /// Bytes from one layer to the next, in one rank's allocation.
     pub layer_bytes: u64,
-    /// Bytes of one block of one layer.
+    /// Bytes of one block of one layer, in one rank's allocation.
     pub block_bytes: u64,
     pub n_layers: u32,
+}
+
+impl KvCacheExport {
+    /// Rank `r`'s share alone, as a one-rank backend opens it.
+    pub fn rank(&self, r: usize) -> Option<KvCacheExport> {
+        Some(KvCacheExport {
+            handles: vec![self.handles.get(r)?.clone()],
+            ..self.clone()
+        })
+    }
+
+    /// The handle of a one-rank export.
+    pub fn single_handle(&self) -> Result<&[u8]> {
+        match self.handles.as_slice() {
+            [handle] => Ok(handle),
+            many => Err(crate::error::Error::Backend {
+                backend: "this",
+                message: format!(
+                    "the peer's KV cache is split over {} ranks, this backend has one",
+                    many.len()
+                ),
+            }),
+        }
+    }
 }
 
 /// A peer's KV cache mapped into this process (see [`Backend::open_peer_kv_cache`]).
 #[derive(Debug)]
 pub struct PeerKvCache {
     pub kind: KvShareKind,
-    /// Where the peer's cache starts in this process's address space.
-    pub base: u64,
+    /// Per rank, where that rank's share of the peer's cache starts in this process's address space.
+    pub bases: Vec<u64>,
     pub layer_bytes: u64,
     pub block_bytes: u64,
     pub n_layers: u32,
+}
+
+impl PeerKvCache {
+    /// Rank `r`'s share alone.
+    pub fn rank(&self, r: usize) -> PeerKvCache {
+        PeerKvCache {
+            kind: self.kind,
+            bases: vec![self.bases[r]],
+            layer_bytes: self.layer_bytes,
+            block_bytes: self.block_bytes,
+            n_layers: self.n_layers,
+        }
+    }
+
+    /// The base of a one-rank mapping.
+    pub fn single_base(&self) -> Result<u64> {
+        match self.bases.as_slice() {
+            [base] => Ok(*base),
+            many => Err(crate::error::Error::Backend {
+                backend: "this",
+                message: format!(
+                    "the peer's KV cache is split over {} ranks, this backend has one",
+                    many.len()
+                ),
+            }),
+        }
+    }
 }
 
 /// Shape of the paged KV cache. Layer by layer, block by block: for each layer, block `b` is one contiguous run of

@@ -291,12 +291,75 @@ impl<B: RankBackend> Backend for Tp<B> {
         self.ranks[0].sample_tokens(&mut logits[0], rows)
     }
 
-    /// CUDA IPC maps one device's pool; between tensor-parallel layouts KV moves over TCP instead (whole blocks,
-    /// resharded on import). `export_kv_cache` keeps its default (`None`) for the same reason.
-    fn open_peer_kv_cache(&self, _export: &KvCacheExport) -> Result<PeerKvCache> {
-        Err(tp_error(
-            "a tensor-parallel engine does not map another process's KV pool: KV moves over TCP".into(),
-        ))
+    /// Each rank's pool, exported by the rank: a peer split over as many ranks maps rank `r`'s share into its own
+    /// rank `r` (the same heads), so peer copies need no resharding. Between different splits KV moves over TCP
+    /// instead, whole blocks resharded on import.
+    fn export_kv_cache(&self, cache: &Self::KvCache) -> Option<KvCacheExport> {
+        merge_exports(self.each(|r, rank| rank.export_kv_cache(&cache.ranks[r])))
+    }
+
+    fn export_kv_cache_in_process(&self, cache: &Self::KvCache) -> Option<KvCacheExport> {
+        merge_exports(self.each(|r, rank| rank.export_kv_cache_in_process(&cache.ranks[r])))
+    }
+
+    fn open_peer_kv_cache(&self, export: &KvCacheExport) -> Result<PeerKvCache> {
+        let n = self.ranks.len();
+        if export.handles.len() != n {
+            return Err(tp_error(format!(
+                "the peer's KV cache is split over {} ranks and this engine's over {n}: only equal splits map each \
+                 other's pools (KV moves over TCP instead)",
+                export.handles.len()
+            )));
+        }
+        let mut opened: Vec<PeerKvCache> = Vec::with_capacity(n);
+        for (r, rank) in self.ranks.iter().enumerate() {
+            rank.make_current();
+            let share = export.rank(r).expect("one handle per rank, checked above");
+            match rank.open_peer_kv_cache(&share) {
+                Ok(peer) => opened.push(peer),
+                Err(e) => {
+                    for (r, peer) in opened.into_iter().enumerate() {
+                        self.ranks[r].make_current();
+                        self.ranks[r].close_peer_kv_cache(peer);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(PeerKvCache {
+            kind: export.kind,
+            bases: opened.iter().flat_map(|peer| peer.bases.iter().copied()).collect(),
+            layer_bytes: export.layer_bytes,
+            block_bytes: export.block_bytes,
+            n_layers: export.n_layers,
+        })
+    }
+
+    fn close_peer_kv_cache(&self, peer: PeerKvCache) {
+        self.each(|r, rank| rank.close_peer_kv_cache(peer.rank(r)));
+    }
+
+    fn copy_kv_blocks_to_peer(
+        &self,
+        cache: &Self::KvCache,
+        peer: &PeerKvCache,
+        layer_idx: usize,
+        blocks: &[(u32, u32)],
+    ) -> Result<()> {
+        if peer.bases.len() != self.ranks.len() {
+            return Err(tp_error(format!(
+                "a peer mapping of {} ranks used by an engine of {}",
+                peer.bases.len(),
+                self.ranks.len()
+            )));
+        }
+        self.each(|r, rank| rank.copy_kv_blocks_to_peer(&cache.ranks[r], &peer.rank(r), layer_idx, blocks))
+            .into_iter()
+            .collect()
+    }
+
+    fn finish_peer_copies(&self) -> Result<()> {
+        self.each(|_, rank| rank.finish_peer_copies()).into_iter().collect()
     }
 
     /// The KV pool is divided among the ranks, so it may take the smallest rank's free memory on every rank.
@@ -305,6 +368,16 @@ impl<B: RankBackend> Backend for Tp<B> {
         let min = free.into_iter().collect::<Option<Vec<_>>>()?.into_iter().min()?;
         Some(min * self.ranks.len())
     }
+}
+
+/// One export of every rank's share, or `None` if a rank cannot share its pool.
+fn merge_exports(exports: Vec<Option<KvCacheExport>>) -> Option<KvCacheExport> {
+    let exports: Vec<KvCacheExport> = exports.into_iter().collect::<Option<_>>()?;
+    let first = exports.first()?.clone();
+    Some(KvCacheExport {
+        handles: exports.into_iter().flat_map(|e| e.handles).collect(),
+        ..first
+    })
 }
 
 /// Simulated ranks on the host: the all-reduce adds the ranks' tensors in rank order, so it is deterministic.

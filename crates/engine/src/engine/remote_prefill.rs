@@ -81,12 +81,13 @@ impl<B: Backend> Engine<B> {
 
     /// Prefill side: maps a decode engine's exported cache, to write remote prefills straight into it.
     pub fn open_peer_kv_cache(&self, export: &KvCacheExport) -> Result<PeerKvCache> {
-        if export.n_layers as usize != self.layout.n_layers
-            || export.block_bytes as usize != self.backend.kv_block_bytes(&self.layout)
+        // Each rank's share holds its heads of every block: the shares add up to the whole block.
+        let block_bytes = export.block_bytes as usize * export.handles.len();
+        if export.n_layers as usize != self.layout.n_layers || block_bytes != self.backend.kv_block_bytes(&self.layout)
         {
             return Err(Error::InvalidRequest(format!(
-                "the peer's KV cache ({} layers of {}-byte blocks) does not match this model's",
-                export.n_layers, export.block_bytes
+                "the peer's KV cache ({} layers of {block_bytes}-byte blocks) does not match this model's",
+                export.n_layers
             )));
         }
         self.backend.open_peer_kv_cache(export)

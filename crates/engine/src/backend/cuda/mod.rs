@@ -766,12 +766,10 @@ impl CudaBackend {
     /// is given peer access to that GPU's context (found from the pointer) so that the copy kernel can store into it.
     fn open_in_process_peer(&self, export: &KvCacheExport) -> Result<PeerKvCache> {
         use cudarc::driver::sys;
-        let address: [u8; 8] = export.handle.as_slice().try_into().map_err(|_| {
-            err(format!(
-                "an in-process KV handle has 8 bytes, not {}",
-                export.handle.len()
-            ))
-        })?;
+        let handle = export.single_handle()?;
+        let address: [u8; 8] = handle
+            .try_into()
+            .map_err(|_| err(format!("an in-process KV handle has 8 bytes, not {}", handle.len())))?;
         let base = u64::from_le_bytes(address);
         driver("bind context", self.ctx.bind_to_thread())?;
         let mut owner: sys::CUcontext = std::ptr::null_mut();
@@ -801,7 +799,7 @@ impl CudaBackend {
         }
         Ok(PeerKvCache {
             kind: KvShareKind::InProcess,
-            base,
+            bases: vec![base],
             layer_bytes: export.layer_bytes,
             block_bytes: export.block_bytes,
             n_layers: export.n_layers,
@@ -1899,7 +1897,7 @@ impl Backend for CudaBackend {
         }
         Some(KvCacheExport {
             kind: KvShareKind::CudaIpc,
-            handle: handle.reserved.iter().map(|&c| c as u8).collect(),
+            handles: vec![handle.reserved.iter().map(|&c| c as u8).collect()],
             layer_bytes: cache.layer_bytes as u64,
             block_bytes: self.kv_block_bytes(&cache.layout) as u64,
             n_layers: cache.layout.n_layers as u32,
@@ -1909,7 +1907,7 @@ impl Backend for CudaBackend {
     fn export_kv_cache_in_process(&self, cache: &CudaKvCache) -> Option<KvCacheExport> {
         Some(KvCacheExport {
             kind: KvShareKind::InProcess,
-            handle: cache.pool.ptr.to_le_bytes().to_vec(),
+            handles: vec![cache.pool.ptr.to_le_bytes().to_vec()],
             layer_bytes: cache.layer_bytes as u64,
             block_bytes: self.kv_block_bytes(&cache.layout) as u64,
             n_layers: cache.layout.n_layers as u32,
@@ -1922,13 +1920,11 @@ impl Backend for CudaBackend {
             return self.open_in_process_peer(export);
         }
         let mut handle = sys::CUipcMemHandle { reserved: [0; 64] };
-        if export.handle.len() != handle.reserved.len() {
-            return Err(err(format!(
-                "a CUDA IPC handle has 64 bytes, not {}",
-                export.handle.len()
-            )));
+        let bytes = export.single_handle()?;
+        if bytes.len() != handle.reserved.len() {
+            return Err(err(format!("a CUDA IPC handle has 64 bytes, not {}", bytes.len())));
         }
-        for (dst, &src) in handle.reserved.iter_mut().zip(&export.handle) {
+        for (dst, &src) in handle.reserved.iter_mut().zip(bytes) {
             *dst = src as _;
         }
         driver("bind context", self.ctx.bind_to_thread())?;
@@ -1942,7 +1938,7 @@ impl Backend for CudaBackend {
         }
         Ok(PeerKvCache {
             kind: KvShareKind::CudaIpc,
-            base,
+            bases: vec![base],
             layer_bytes: export.layer_bytes,
             block_bytes: export.block_bytes,
             n_layers: export.n_layers,
@@ -1959,8 +1955,10 @@ impl Backend for CudaBackend {
         let _ = self.synchronize();
         let _ = self.finish_peer_copies();
         if peer.kind == KvShareKind::CudaIpc {
-            // SAFETY: base came from cuIpcOpenMemHandle and no copy into it is pending (synchronised above).
-            let _ = unsafe { cudarc::driver::sys::cuIpcCloseMemHandle(peer.base) };
+            for &base in &peer.bases {
+                // SAFETY: base came from cuIpcOpenMemHandle and no copy into it is pending (synchronised above).
+                let _ = unsafe { cudarc::driver::sys::cuIpcCloseMemHandle(base) };
+            }
         }
     }
 
@@ -1991,7 +1989,7 @@ impl Backend for CudaBackend {
         let table: Vec<u32> = blocks.iter().flat_map(|&(src, dst)| [src, dst]).collect();
         let table = self.upload(&table)?;
         let src_layer = cache.layer_ptr(layer_idx);
-        let dst_layer = peer.base + layer_idx as u64 * peer.layer_bytes;
+        let dst_layer = peer.single_base()? + layer_idx as u64 * peer.layer_bytes;
         // The copy stream waits for everything queued so far (this layer's K and V, the table), then copies while
         // the compute stream goes on to the next layer.
         driver(
