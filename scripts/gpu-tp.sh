@@ -31,14 +31,20 @@ if [[ $phases == *correctness* ]]; then
         "$bin" selftest --tp "$tp" --json-out "$out/selftest-tp$tp.json" 2>&1 | tee "$out/selftest-tp$tp.txt" \
             || echo "selftest --tp $tp FAILED"
     done
+    # Decode graphs at 2 ranks (opt-in: NCCL warns that one thread launching graphs for several GPUs can deadlock,
+    # hence the timeout).
+    CLEAVE_TP_GRAPHS=1 timeout 300 "$bin" selftest --tp 2 --json-out "$out/selftest-tp2-graphs.json" \
+        > "$out/selftest-tp2-graphs.txt" 2>&1 || echo "selftest --tp 2 with graphs FAILED or hung (rc $?)"
 fi
 
-# 2. The engine alone at the 8B shape, one GPU against two (decode runs op by op at TP 2: no CUDA graphs yet).
+# 2. The engine alone at the 8B shape, one GPU against two: TP 2 op by op (the default) and with decode graphs.
 if [[ $phases == *engine* ]]; then
-    for tp in 1 2; do
-        "$bin" bench-engine --backend cuda --model llama3-8b --tp "$tp" --prompt-tokens 2048,8192 --batch 1,64 \
-            --context 1024 --decode-steps 32 --repeat 2 > "$out/bench-engine-tp$tp.json" 2> "$out/bench-engine-tp$tp.log" \
-            || echo "bench-engine --tp $tp FAILED"
+    for run in 1 2 2-graphs; do
+        tp=${run%%-*}
+        CLEAVE_TP_GRAPHS=$([ "$run" = 2-graphs ] && echo 1 || echo 0) timeout 300 "$bin" bench-engine --backend cuda \
+            --model llama3-8b --tp "$tp" --prompt-tokens 2048,8192 --batch 1,64 --context 1024 --decode-steps 32 \
+            --repeat 2 > "$out/bench-engine-tp$run.json" 2> "$out/bench-engine-tp$run.log" \
+            || echo "bench-engine --tp $run FAILED or hung"
     done
 fi
 

@@ -1139,6 +1139,17 @@ fn tp_selftest(args: &SelftestArgs, tp: usize) -> Result<()> {
         results.push(r);
 
         if name == "wide" {
+            // Decode graphs at N ranks: batches in several buckets, alone against batched.
+            for r in [
+                decode_graph_buckets(name, &mut split)?,
+                batch_invariance(name, &mut split)?,
+            ] {
+                println!("{r}");
+                if r["pass"] != true {
+                    failures.push(format!("tp {tp}: {}", r["check"]));
+                }
+                results.push(r);
+            }
             // The one-GPU side is a tensor-parallel backend of one rank: its operations make their GPU current, as
             // they must when two engines on different GPUs take turns on this thread (a plain CudaBackend assumes it
             // is the only one). It exports and imports the same whole blocks as a plain one.

@@ -36,6 +36,31 @@ pub trait RankBackend: Backend + Sized {
     fn all_reduce_sum(group: &Self::Group, ranks: &[Self], xs: &mut [Self::Tensor]);
     /// Makes this rank's device current on the calling thread before its operations are issued.
     fn make_current(&self) {}
+
+    // Captured steps (CUDA graphs). [`Tp`] drives these on every rank together: every rank replays or every rank
+    // captures, since a rank running op by op beside one replaying would issue its all-reduces alone. The defaults
+    // capture nothing.
+
+    /// What ending a capture on this rank needs (the graph's own input buffer).
+    type GraphCapture;
+    /// Starts a step on this rank; whether a graph captured earlier can replay `step`.
+    fn start_graph_step(&self, _step: &StepBatch) -> bool {
+        false
+    }
+    /// Replays the graph [`RankBackend::start_graph_step`] found; the logits.
+    fn replay_graph(&self, _step: &StepBatch) -> Result<Self::Tensor> {
+        Err(tp_error("this backend captures no graphs".into()))
+    }
+    /// For a step a graph can run: the batch over the graph's own inputs, uploaded, and what ending the capture
+    /// needs. `None`: the step runs op by op.
+    fn prepare_graph_capture(&self, _step: &StepBatch) -> Result<Option<(Self::Batch, Self::GraphCapture)>> {
+        Ok(None)
+    }
+    fn begin_graph_capture(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Ends the capture; keeps the graph if the captured forward pass gave `logits`.
+    fn end_graph_capture(&self, _capture: Self::GraphCapture, _logits: Result<Self::Tensor>) {}
 }
 
 /// A weight divided among ranks: shard `r` lives on rank `r`.
@@ -56,6 +81,11 @@ pub struct Tp<B: RankBackend> {
     /// Declared first so that it is dropped first: communicators go before the devices they run on.
     group: B::Group,
     ranks: Vec<B>,
+    /// Whether decode steps may replay captured graphs at more than one rank (`CLEAVE_TP_GRAPHS=1`). Off by default:
+    /// NCCL warns that graphs holding its collectives, launched for several GPUs from one thread, can deadlock
+    /// (`cudaGraphLaunch` may block until the other GPUs' graphs run), and this engine drives its ranks from one
+    /// thread. To be measured before it is made the default.
+    graphs: bool,
 }
 
 impl<B: RankBackend> Tp<B> {
@@ -65,7 +95,8 @@ impl<B: RankBackend> Tp<B> {
             return Err(tp_error("tensor parallelism needs at least one rank".into()));
         }
         let group = B::group(&ranks)?;
-        Ok(Self { group, ranks })
+        let graphs = ranks.len() == 1 || std::env::var("CLEAVE_TP_GRAPHS").as_deref() == Ok("1");
+        Ok(Self { group, ranks, graphs })
     }
 
     pub fn ranks(&self) -> &[B] {
@@ -153,6 +184,59 @@ impl<B: RankBackend> Backend for Tp<B> {
             .into_iter()
             .collect::<Result<_>>()?;
         Ok(TpKvCache { ranks, layout: *layout })
+    }
+
+    /// Decode steps replay a graph on every rank, or are captured on every rank (see [`RankBackend`]), where graphs
+    /// are on (see `graphs`).
+    fn run_step(
+        &self,
+        step: &StepBatch,
+        forward: &mut dyn FnMut(&Self::Batch) -> Result<Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        if !self.graphs {
+            return forward(&self.batch(step)?);
+        }
+        if self
+            .each(|_, rank| rank.start_graph_step(step))
+            .into_iter()
+            .all(|ok| ok)
+        {
+            return self.each(|_, rank| rank.replay_graph(step)).into_iter().collect();
+        }
+        let prepared = self
+            .each(|_, rank| rank.prepare_graph_capture(step))
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        let Some(prepared) = prepared.into_iter().collect::<Option<Vec<_>>>() else {
+            return forward(&self.batch(step)?);
+        };
+        let (batch, captures): (Vec<_>, Vec<_>) = prepared.into_iter().unzip();
+        // This step runs for real; its replay is captured for the next steps of the bucket.
+        let out = forward(&batch)?;
+        let begun: Vec<bool> = self.each(|_, rank| rank.begin_graph_capture().is_ok());
+        let captured = match begun.iter().all(|&ok| ok) {
+            true => forward(&batch).map_err(|e| e.to_string()),
+            false => Err("a rank could not start capturing".to_string()),
+        };
+        let (mut logits, failure): (Vec<Option<B::Tensor>>, _) = match captured {
+            Ok(logits) => (logits.into_iter().map(Some).collect(), None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        for (r, ((rank, capture), began)) in self.ranks.iter().zip(captures).zip(begun).enumerate() {
+            if !began {
+                continue;
+            }
+            rank.make_current();
+            let rank_logits = logits.get_mut(r).and_then(Option::take).ok_or_else(|| {
+                tp_error(
+                    failure
+                        .clone()
+                        .unwrap_or_else(|| "the captured pass gave no logits".into()),
+                )
+            });
+            rank.end_graph_capture(capture, rank_logits);
+        }
+        Ok(out)
     }
 
     fn batch(&self, step: &StepBatch) -> Result<Self::Batch> {
@@ -383,6 +467,7 @@ fn merge_exports(exports: Vec<Option<KvCacheExport>>) -> Option<KvCacheExport> {
 /// Simulated ranks on the host: the all-reduce adds the ranks' tensors in rank order, so it is deterministic.
 impl RankBackend for CpuBackend {
     type Group = ();
+    type GraphCapture = ();
 
     fn group(_ranks: &[Self]) -> Result<()> {
         Ok(())

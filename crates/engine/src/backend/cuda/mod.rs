@@ -255,7 +255,7 @@ struct DecodeGraph {
 /// All of a captured step's inputs in one buffer, so each replay needs one upload. u32 words, in this order:
 /// seq_meta (4 per row, first for 16-byte alignment), token ids, positions, slots, seq_of_row, logit rows, then
 /// `bucket × table_stride` block-table entries (row `i`'s table at `i × table_stride`).
-struct GraphInputs {
+pub struct GraphInputs {
     buf: DeviceBuffer,
     bucket: usize,
     table_stride: usize,
@@ -575,6 +575,117 @@ impl CudaBackend {
                 self.allocator.alloc(bytes)
             }
             Err(e) => Err(out_of_memory(bytes, e)),
+        }
+    }
+
+    /// The graph bucket and the longest block table of `step` when a decode graph can run it: one row per sequence,
+    /// each sampled, at most GRAPH_BATCH_MAX rows, graphs on and a KV cache made.
+    fn graph_shape(&self, step: &StepBatch) -> Option<(usize, usize)> {
+        let n = step.n_tokens();
+        let decode = self.graphs.is_some()
+            && n > 0
+            && n <= GRAPH_BATCH_MAX
+            && self.scratch_block.load(std::sync::atomic::Ordering::Relaxed) != u32::MAX
+            && step.logit_rows.len() == n
+            && step
+                .seqs
+                .iter()
+                .enumerate()
+                .all(|(i, s)| s.q_len == 1 && s.q_start as usize == i);
+        let table_len_max = step.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(1);
+        decode.then(|| (n.next_power_of_two(), table_len_max))
+    }
+
+    /// Starts a step: frees the graphs retired since the last one, and says whether a captured graph can replay
+    /// `step` (its bucket is captured with room for its block tables).
+    fn start_graph_step(&self, step: &StepBatch) -> bool {
+        self.retired_graphs.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let (Some(graphs), Some((bucket, table_len_max))) = (&self.graphs, self.graph_shape(step)) else {
+            return false;
+        };
+        let graphs = graphs.lock().unwrap_or_else(|e| e.into_inner());
+        graphs
+            .get(&bucket)
+            .is_some_and(|g| g.inputs.table_stride >= table_len_max)
+    }
+
+    /// Replays the graph [`Self::start_graph_step`] found for `step`, after uploading the step's inputs; the logits.
+    fn replay_graph(&self, step: &StepBatch) -> Result<CudaTensor> {
+        let (Some(graphs), Some((bucket, _))) = (&self.graphs, self.graph_shape(step)) else {
+            return Err(err("no decode graph for this step"));
+        };
+        let graphs = graphs.lock().unwrap_or_else(|e| e.into_inner());
+        let g = graphs
+            .get(&bucket)
+            .ok_or_else(|| err("no decode graph for this step"))?;
+        let block_size = self.block_size.load(std::sync::atomic::Ordering::Relaxed);
+        let words = g.inputs.host_words(
+            step,
+            self.scratch_block.load(std::sync::atomic::Ordering::Relaxed),
+            block_size,
+        );
+        // SAFETY: the buffer holds GraphInputs::words(bucket, stride) words.
+        driver("uploading graph inputs", unsafe {
+            cudarc::driver::result::memcpy_htod_async(g.inputs.buf.ptr, &words, self.stream.cu_stream())
+        })?;
+        driver("replaying the decode graph", g.graph.launch())?;
+        Ok(g.logits.alias())
+    }
+
+    /// For a decode step a graph can run but none replays: drops the bucket's old graph (its block tables grew),
+    /// uploads the step's inputs into a buffer the new graph will own, and returns the batch over that buffer.
+    /// `None` for other steps.
+    fn prepare_graph_capture(&self, step: &StepBatch) -> Result<Option<(CudaBatch, GraphInputs)>> {
+        let (Some(graphs), Some((bucket, table_len_max))) = (&self.graphs, self.graph_shape(step)) else {
+            return Ok(None);
+        };
+        graphs.lock().unwrap_or_else(|e| e.into_inner()).remove(&bucket);
+        let table_stride = table_len_max.next_power_of_two().max(64);
+        let inputs = GraphInputs {
+            buf: self.alloc(4 * GraphInputs::words(bucket, table_stride))?,
+            bucket,
+            table_stride,
+        };
+        let scratch_block = self.scratch_block.load(std::sync::atomic::Ordering::Relaxed);
+        let words = inputs.host_words(
+            step,
+            scratch_block,
+            self.block_size.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        // SAFETY: the buffer was sized for these words.
+        driver("uploading graph inputs", unsafe {
+            cudarc::driver::result::memcpy_htod_async(inputs.buf.ptr, &words, self.stream.cu_stream())
+        })?;
+        Ok(Some((inputs.batch(), inputs)))
+    }
+
+    /// Starts capturing what is issued on this rank's stream.
+    fn begin_graph_capture(&self) -> Result<()> {
+        driver(
+            "starting a graph capture",
+            self.stream
+                .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED),
+        )
+    }
+
+    /// Ends the capture begun by [`Self::begin_graph_capture`]; keeps the graph for its bucket if the captured
+    /// forward pass succeeded (else the bucket keeps running op by op and is captured again later).
+    fn end_graph_capture(&self, inputs: GraphInputs, captured: Result<CudaTensor>) {
+        let graph = self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        let bucket = inputs.bucket;
+        match (captured, graph, &self.graphs) {
+            (Ok(logits), Ok(Some(graph)), Some(graphs)) => {
+                let g = DecodeGraph { graph, inputs, logits };
+                graphs.lock().unwrap_or_else(|e| e.into_inner()).insert(bucket, g);
+            }
+            (captured, graph, _) => tracing::warn!(
+                bucket,
+                "capturing a decode graph failed ({:?}, {:?}); this bucket runs op by op",
+                captured.err(),
+                graph.err()
+            ),
         }
     }
 
@@ -1591,79 +1702,23 @@ impl Backend for CudaBackend {
 
     /// Decode steps of up to GRAPH_BATCH_MAX sequences run as CUDA graphs, one per power-of-two batch bucket: the
     /// first step of a bucket runs op by op and is captured; later ones upload their inputs and replay it, which
-    /// removes the per-kernel launch cost (hundreds of launches per step).
+    /// removes the per-kernel launch cost (hundreds of launches per step). `Tp` drives the same pieces on every rank.
     fn run_step(
         &self,
         step: &StepBatch,
         forward: &mut dyn FnMut(&CudaBatch) -> Result<CudaTensor>,
     ) -> Result<CudaTensor> {
-        use std::sync::atomic::Ordering;
-        self.retired_graphs.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        let n = step.n_tokens();
-        let scratch_block = self.scratch_block.load(Ordering::Relaxed);
-        let decode = n > 0
-            && n <= GRAPH_BATCH_MAX
-            && scratch_block != u32::MAX
-            && step.logit_rows.len() == n
-            && step
-                .seqs
-                .iter()
-                .enumerate()
-                .all(|(i, s)| s.q_len == 1 && s.q_start as usize == i);
-        let (Some(graphs), true) = (&self.graphs, decode) else {
+        if self.start_graph_step(step) {
+            return self.replay_graph(step);
+        }
+        let Some((batch, capture)) = self.prepare_graph_capture(step)? else {
             return forward(&self.batch(step)?);
         };
-        let block_size = self.block_size.load(Ordering::Relaxed);
-        let bucket = n.next_power_of_two();
-        let table_len_max = step.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(1);
-        let mut graphs = graphs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(g) = graphs.get(&bucket) {
-            if g.inputs.table_stride >= table_len_max {
-                let words = g.inputs.host_words(step, scratch_block, block_size);
-                // SAFETY: the buffer holds GraphInputs::words(bucket, stride) words.
-                driver("uploading graph inputs", unsafe {
-                    cudarc::driver::result::memcpy_htod_async(g.inputs.buf.ptr, &words, self.stream.cu_stream())
-                })?;
-                driver("replaying the decode graph", g.graph.launch())?;
-                return Ok(g.logits.alias());
-            }
-            // Block tables outgrew the captured buffer: capture again with room to grow.
-            graphs.remove(&bucket);
-        }
-        let table_stride = table_len_max.next_power_of_two().max(64);
-        let inputs = GraphInputs {
-            buf: self.alloc(4 * GraphInputs::words(bucket, table_stride))?,
-            bucket,
-            table_stride,
-        };
-        let words = inputs.host_words(step, scratch_block, block_size);
-        // SAFETY: the buffer was sized for these words.
-        driver("uploading graph inputs", unsafe {
-            cudarc::driver::result::memcpy_htod_async(inputs.buf.ptr, &words, self.stream.cu_stream())
-        })?;
-        let batch = inputs.batch();
         // This step runs for real; its replay is captured for the next steps of the bucket.
         let out = forward(&batch)?;
-        driver(
-            "starting a graph capture",
-            self.stream
-                .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED),
-        )?;
+        self.begin_graph_capture()?;
         let captured = forward(&batch);
-        let graph = self
-            .stream
-            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
-        match (captured, graph) {
-            (Ok(logits), Ok(Some(graph))) => {
-                graphs.insert(bucket, DecodeGraph { graph, inputs, logits });
-            }
-            (captured, graph) => tracing::warn!(
-                bucket,
-                "capturing a decode graph failed ({:?}, {:?}); this bucket runs op by op",
-                captured.err(),
-                graph.err()
-            ),
-        }
+        self.end_graph_capture(capture, captured);
         Ok(out)
     }
 

@@ -5,12 +5,15 @@
 //! the group, the first rank's call would wait for the others, which this thread has not issued yet). Each rank's
 //! all-reduce runs on that rank's stream, ordered after the o_proj or down_proj product that fed it.
 //!
-//! The ranks run op by op: decode steps are not captured in CUDA graphs at more than one rank yet (the `Tp` backend
-//! does not delegate `run_step`), which costs the launch overhead the graphs save at one rank.
+//! With `CLEAVE_TP_GRAPHS=1`, decode steps run as CUDA graphs as at one rank, one graph per rank: `Tp::run_step`
+//! replays on every rank or captures on every rank, the NCCL all-reduces captured with the kernels around them. Off by
+//! default until measured: NCCL documents that graphs with collectives launched for several GPUs from one thread
+//! can deadlock.
 
 use cudarc::nccl::{result as nccl, sys as nccl_sys};
 
-use super::{CudaBackend, CudaTensor, Elem, err};
+use super::{CudaBackend, CudaBatch, CudaTensor, Elem, err};
+use crate::backend::StepBatch;
 use crate::backend::tensor_parallel::{RankBackend, Tp};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -113,5 +116,27 @@ impl RankBackend for CudaBackend {
     fn make_current(&self) {
         // Binding an existing context fails only with a lost device, which the next operation reports.
         let _ = self.ctx.bind_to_thread();
+    }
+
+    type GraphCapture = super::GraphInputs;
+
+    fn start_graph_step(&self, step: &StepBatch) -> bool {
+        CudaBackend::start_graph_step(self, step)
+    }
+
+    fn replay_graph(&self, step: &StepBatch) -> Result<CudaTensor> {
+        CudaBackend::replay_graph(self, step)
+    }
+
+    fn prepare_graph_capture(&self, step: &StepBatch) -> Result<Option<(CudaBatch, super::GraphInputs)>> {
+        CudaBackend::prepare_graph_capture(self, step)
+    }
+
+    fn begin_graph_capture(&self) -> Result<()> {
+        CudaBackend::begin_graph_capture(self)
+    }
+
+    fn end_graph_capture(&self, capture: super::GraphInputs, logits: Result<CudaTensor>) {
+        CudaBackend::end_graph_capture(self, capture, logits)
     }
 }
