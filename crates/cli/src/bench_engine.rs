@@ -137,7 +137,7 @@ fn bench_with<B: Backend>(mut engine: Engine<B>, args: &BenchEngineArgs) -> Resu
                 rows.push(serde_json::json!({"kind": "decode", "batch": batch, "context": context, "skipped": "KV pool too small"}));
                 continue;
             }
-            let mut times = Vec::new();
+            let (mut times, mut profile) = (Vec::new(), Vec::new());
             for rep in 0..args.repeat.max(1) + 1 {
                 for b in 0..batch {
                     engine.add_request_for_decode_benchmark(
@@ -148,6 +148,7 @@ fn bench_with<B: Backend>(mut engine: Engine<B>, args: &BenchEngineArgs) -> Resu
                 }
                 // Warm-up step (allocations for this batch shape), not timed.
                 engine.step()?;
+                engine.take_op_profile();
                 let start = Instant::now();
                 let mut n_tokens = 0;
                 while engine.has_unfinished() {
@@ -163,15 +164,24 @@ fn bench_with<B: Backend>(mut engine: Engine<B>, args: &BenchEngineArgs) -> Resu
                 if rep > 0 {
                     times.push(elapsed / args.decode_steps as f64);
                 }
+                profile = engine.take_op_profile();
             }
             let step_s = median(times.clone());
             // Bytes a step must read at least: every weight once, plus each sequence's KV.
             let bytes = weight_bytes as f64 + (batch * (context + args.decode_steps / 2) * kv_bytes_per_token) as f64;
             let gbs = bytes / step_s / 1e9;
+            // Where the GPU time of the last repetition's steps went, per step (CLEAVE_PROFILE_OPS=1).
+            let op_ms_per_step: serde_json::Map<String, serde_json::Value> = profile
+                .iter()
+                .map(|(name, ms)| (name.clone(), serde_json::json!(ms / args.decode_steps as f64)))
+                .collect();
+            for (name, ms) in profile.iter().take(12) {
+                eprintln!("    {name:<40} {:>8.3} ms/step", ms / args.decode_steps as f64);
+            }
             rows.push(serde_json::json!({
                 "kind": "decode", "batch": batch, "context": context, "step_s": times, "median_step_s": step_s,
                 "tokens_per_s": batch as f64 / step_s, "bytes_per_step": bytes, "gb_per_s": gbs,
-                "fraction_of_bandwidth": gbs / bandwidth_gbs,
+                "fraction_of_bandwidth": gbs / bandwidth_gbs, "op_ms_per_step": op_ms_per_step,
             }));
             eprintln!(
                 "decode batch {batch:>4} context {context:>6}: {:>8.3} ms/step  {:>9.1} tok/s  {:>7.1} GB/s  {:>5.1}% of {bandwidth_gbs} GB/s",

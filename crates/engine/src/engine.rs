@@ -199,6 +199,11 @@ impl<B: Backend> Engine<B> {
         })
     }
 
+    /// The backend's GPU time by op since the last call (see [`Backend::take_op_profile`]).
+    pub fn take_op_profile(&self) -> Vec<(String, f64)> {
+        self.backend.take_op_profile()
+    }
+
     pub fn model_config(&self) -> &ModelConfig {
         &self.model.config
     }

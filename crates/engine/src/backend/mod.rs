@@ -341,4 +341,10 @@ pub trait Backend: Send + Sync {
     fn free_memory_bytes(&self) -> Option<usize> {
         None
     }
+
+    /// GPU time by op name (kernel, or GEMM by its output and inner sizes) since the last call, in ms, largest
+    /// first; empty unless the backend profiles ops (`CLEAVE_PROFILE_OPS=1` on CUDA).
+    fn take_op_profile(&self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
 }

@@ -446,6 +446,11 @@ impl<B: RankBackend> Backend for Tp<B> {
         self.each(|_, rank| rank.finish_peer_copies()).into_iter().collect()
     }
 
+    /// Rank 0's (every rank runs the same ops on the same shapes); the others' are taken and dropped.
+    fn take_op_profile(&self) -> Vec<(String, f64)> {
+        self.each(|_, rank| rank.take_op_profile()).into_iter().next().unwrap_or_default()
+    }
+
     /// The KV pool is divided among the ranks, so it may take the smallest rank's free memory on every rank.
     fn free_memory_bytes(&self) -> Option<usize> {
         let free = self.each(|_, rank| rank.free_memory_bytes());

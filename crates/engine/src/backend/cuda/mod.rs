@@ -380,6 +380,9 @@ pub struct CudaBackend {
     copy_stream: Arc<CudaStream>,
     /// Block-pair tables of copies queued on `copy_stream`, kept alive until `finish_peer_copies`.
     peer_copy_tables: Mutex<Vec<DeviceBuffer>>,
+    /// With `CLEAVE_PROFILE_OPS=1`: an event recorded on the compute stream before each kernel or GEMM, with the op's
+    /// name, so that [`Backend::take_op_profile`] can say where a step's GPU time goes (graphs are then off).
+    op_events: Option<Mutex<Vec<(String, cudarc::driver::CudaEvent)>>>,
 }
 
 // SAFETY: the backend is used from one thread at a time (the engine's); cudarc's handles are bound to the context
@@ -527,7 +530,9 @@ impl CudaBackend {
         if status != cublas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             return Err(err(format!("setting the cuBLAS workspace: {status:?}")));
         }
-        let graphs = (std::env::var("CLEAVE_CUDA_GRAPHS").as_deref() != Ok("0")).then(|| Mutex::new(HashMap::new()));
+        let profile_ops = std::env::var("CLEAVE_PROFILE_OPS").as_deref() == Ok("1");
+        let graphs_on = std::env::var("CLEAVE_CUDA_GRAPHS").as_deref() != Ok("0") && !profile_ops;
+        let graphs = graphs_on.then(|| Mutex::new(HashMap::new()));
         Ok(Self {
             ctx,
             stream,
@@ -549,7 +554,20 @@ impl CudaBackend {
             prefill_kernel,
             copy_stream,
             peer_copy_tables: Mutex::new(Vec::new()),
+            op_events: profile_ops.then(|| Mutex::new(Vec::new())),
         })
+    }
+
+    /// Where op profiling is on, marks the start of op `name` on the compute stream (it ends where the next op
+    /// starts).
+    fn mark_op(&self, name: impl FnOnce() -> String) {
+        let Some(events) = &self.op_events else { return };
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        if let Ok(event) = self.ctx.new_event(flags)
+            && event.record(&self.stream).is_ok()
+        {
+            events.lock().unwrap_or_else(|e| e.into_inner()).push((name(), event));
+        }
     }
 
     pub fn device_name(&self) -> &str {
@@ -743,6 +761,9 @@ impl CudaBackend {
         args: &[&u64],
         scalars: &[Scalar],
     ) {
+        if std::ptr::eq(stream, &*self.stream) {
+            self.mark_op(|| name.to_string());
+        }
         let mut builder = stream.launch_builder(f);
         for a in args {
             builder.arg(*a);
@@ -1773,6 +1794,7 @@ impl Backend for CudaBackend {
         // Row-major out(m, n) = x(m, k) · w(n, k)ᵀ is column-major outᵀ(n, m) = w(k, n)ᵀ · xᵀ(k, m).
         let (alpha, beta) = (1f32, 0f32);
         let t = self.elem.cuda_type();
+        self.mark_op(|| format!("gemm {n}x{k}"));
         // SAFETY: pointers and leading dimensions describe the buffers' shapes, asserted above.
         let r = unsafe {
             cudarc::cublas::result::gemm_ex(
@@ -1933,6 +1955,24 @@ impl Backend for CudaBackend {
 
     fn sample_tokens(&self, logits: &mut CudaTensor, rows: &[SampleRow]) -> Option<Result<Vec<u32>>> {
         Some(self.sample_rows(logits, rows))
+    }
+
+    fn take_op_profile(&self) -> Vec<(String, f64)> {
+        let Some(events) = &self.op_events else {
+            return Vec::new();
+        };
+        self.mark_op(|| "end".into());
+        let events = std::mem::take(&mut *events.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut by_name: Vec<(String, f64)> = Vec::new();
+        for pair in events.windows(2) {
+            let ms = pair[0].1.elapsed_ms(&pair[1].1).unwrap_or(0.0) as f64;
+            match by_name.iter_mut().find(|(name, _)| *name == pair[0].0) {
+                Some((_, total)) => *total += ms,
+                None => by_name.push((pair[0].0.clone(), ms)),
+            }
+        }
+        by_name.sort_by(|a, b| b.1.total_cmp(&a.1));
+        by_name
     }
 
     fn free_memory_bytes(&self) -> Option<usize> {

@@ -83,6 +83,7 @@ impl RankBackend for CudaBackend {
             let mut issued = Ok(());
             for ((rank, x), &comm) in ranks.iter().zip(xs.iter_mut()).zip(&group.comms) {
                 rank.make_current();
+                rank.mark_op(|| "nccl all_reduce".into());
                 let datatype = match rank.elem {
                     Elem::F32 => nccl_sys::ncclDataType_t::ncclFloat32,
                     Elem::BF16 => nccl_sys::ncclDataType_t::ncclBfloat16,
