@@ -5,7 +5,7 @@ use crate::backend::{AttentionShape, Backend, KvLayout, StepBatch, WeightSplit};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::rope::Rope;
-use crate::weights::{HostTensor, WeightSource};
+use crate::weights::{StackedWeight, WeightSource};
 
 /// One decoder layer's weights, `nn.Linear`-style `(out, in)`. q, k and v are stacked into one matrix, and gate and
 /// up into another, so each pair or triple is one matrix product. Shapes are the whole model's; under tensor
@@ -46,22 +46,21 @@ impl<B: Backend> Model<B> {
             config.head_dim,
         );
         check_divisible(&config, backend.n_ranks())?;
-        let get_split = |name: &str, shape: &[usize], split: WeightSplit| match backend.weight_without_values(shape) {
+        let load = |weight: StackedWeight, split: WeightSplit| match backend.weight_without_values(&weight.shape()) {
             Some(weight) => Ok(weight),
-            None => backend.weight_split(source.tensor(name, shape)?, split),
+            None => backend.weight_from(source, &weight, split),
         };
+        let get_split =
+            |name: &str, shape: &[usize], split: WeightSplit| load(StackedWeight::single(name, shape), split);
         let get = |name: &str, shape: &[usize]| get_split(name, shape, WeightSplit::Replicated);
-        let stacked = |names: &[(String, usize)], cols: &[usize]| -> Result<B::Weight> {
-            let rows = names.iter().map(|(_, rows)| rows).sum();
-            if let Some(weight) = backend.weight_without_values(&[&[rows][..], cols].concat()) {
-                return Ok(weight);
-            }
-            let parts = names
-                .iter()
-                .map(|(name, rows)| source.tensor(name, &[&[*rows][..], cols].concat()))
-                .collect::<Result<Vec<_>>>()?;
-            let split = WeightSplit::Outputs(names.iter().map(|(_, rows)| *rows).collect());
-            backend.weight_split(HostTensor::stack_rows(parts), split)
+        // Split per part, so each rank gets its own q, k and v heads (gate and up rows) from the one stacked matrix.
+        let stacked = |parts: &[(String, usize)], cols: &[usize]| -> Result<B::Weight> {
+            let split = WeightSplit::Outputs(parts.iter().map(|(_, rows)| *rows).collect());
+            let weight = StackedWeight {
+                parts: parts.to_vec(),
+                cols: cols.to_vec(),
+            };
+            load(weight, split)
         };
         let mut layers = Vec::with_capacity(config.n_layers);
         for i in 0..config.n_layers {

@@ -1,12 +1,13 @@
 //! Built-in model shapes with deterministic dummy weights, and the resolution of a `--model` argument (a Hugging Face
 //! directory or a preset name) into a config, a weight source and a tokenizer.
 
+use std::ops::Range;
 use std::path::Path;
 
 use crate::config::{Architecture, DType, Llama3RopeScaling, ModelConfig};
 use crate::error::{Error, Result};
 use crate::tokenizer::{BYTE_BOS, BYTE_EOS, BYTE_VOCAB, Tokenizer};
-use crate::weights::{DummyWeights, HostTensor, SafetensorsDir, WeightSource};
+use crate::weights::{DummyWeights, HostDType, HostSliceMut, SafetensorsDir, WeightSource};
 
 pub const PRESET_NAMES: [&str; 5] = ["tiny", "small", "llama3-8b", "llama3-70b", "qwen2.5-7b"];
 
@@ -159,18 +160,35 @@ struct NoWeights {
     model: String,
 }
 
-impl WeightSource for NoWeights {
-    fn tensor(&self, name: &str, _shape: &[usize]) -> Result<HostTensor> {
-        Err(Error::Weights {
+impl NoWeights {
+    fn refuse(&self, name: &str) -> Error {
+        Error::Weights {
             path: self.model.clone().into(),
             message: format!(
                 "the model was resolved without its weights (for the mock backend or a frontend), so tensor {name:?} cannot be read"
             ),
-        })
+        }
     }
+}
 
+impl WeightSource for NoWeights {
     fn has(&self, _name: &str) -> bool {
         false
+    }
+
+    fn host_dtype(&self, name: &str, _shape: &[usize]) -> Result<HostDType> {
+        Err(self.refuse(name))
+    }
+
+    fn read_block(
+        &self,
+        name: &str,
+        _shape: &[usize],
+        _rows: Range<usize>,
+        _cols: Range<usize>,
+        _out: HostSliceMut<'_>,
+    ) -> Result<()> {
+        Err(self.refuse(name))
     }
 }
 

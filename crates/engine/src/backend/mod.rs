@@ -15,7 +15,7 @@ pub mod tensor_parallel;
 use crate::error::Result;
 use crate::rope::Rope;
 use crate::sampler::SampleRow;
-use crate::weights::HostTensor;
+use crate::weights::{HostTensor, StackedWeight, WeightSource};
 
 /// How a peer reaches an exported KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,13 +198,29 @@ pub trait Backend: Send + Sync {
     fn weight(&self, tensor: HostTensor) -> Result<Self::Weight>;
     /// A weight of `shape` for a backend that never reads weight values (the mock), so that a model of any size is
     /// built without generating or reading a byte of it; `None` for a backend that computes (it gets the values
-    /// through [`Backend::weight`] or [`Backend::weight_split`]).
+    /// through [`Backend::weight`], [`Backend::weight_split`] or [`Backend::weight_from`]).
     fn weight_without_values(&self, _shape: &[usize]) -> Option<Self::Weight> {
         None
     }
     /// Loads a weight divided among tensor-parallel ranks as `split` says; one rank holds all of it.
     fn weight_split(&self, tensor: HostTensor, _split: WeightSplit) -> Result<Self::Weight> {
         self.weight(tensor)
+    }
+    /// [`Backend::weight_split`] of `weight` as read from `source`, each rank's share read straight into its own
+    /// buffer (no whole stacked tensor, no copy per rank): what [`crate::model::Model::load`] calls.
+    fn weight_from(
+        &self,
+        source: &dyn WeightSource,
+        weight: &StackedWeight,
+        _split: WeightSplit,
+    ) -> Result<Self::Weight> {
+        self.weight(tensor_parallel::read_shard(
+            source,
+            weight,
+            &WeightSplit::Replicated,
+            0,
+            1,
+        )?)
     }
     /// Tensor-parallel ranks the model is divided over. The forward pass runs on each rank's share of the heads and
     /// of the MLP; tensors it allocates have per-rank shapes.

@@ -23,7 +23,7 @@ use super::cpu::{CpuBackend, CpuTensor};
 use super::{AttentionShape, Backend, KvCacheExport, KvLayout, PeerKvCache, SampleRow, StepBatch, WeightSplit};
 use crate::error::{Error, Result};
 use crate::rope::Rope;
-use crate::weights::{HostData, HostTensor};
+use crate::weights::{HostData, HostSliceMut, HostTensor, StackedWeight, WeightSource, matrix_dims};
 use rayon::prelude::*;
 
 /// A backend that can be one rank of a [`Tp`]: it can join a reduction group with its peers.
@@ -68,6 +68,13 @@ pub struct TpWeight<W> {
     shards: Vec<W>,
     /// Split by input columns: each rank's product is a partial sum, so a bias is added by rank 0 only.
     split_inputs: bool,
+}
+
+impl<W> TpWeight<W> {
+    /// Shard `r` is rank `r`'s.
+    pub fn shards(&self) -> &[W] {
+        &self.shards
+    }
 }
 
 /// One KV cache per rank, each holding that rank's KV heads of every block.
@@ -171,6 +178,54 @@ impl<B: RankBackend> Backend for Tp<B> {
             .each(|r, rank| rank.weight(shard(&tensor, &split, r, n)?))
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
+        Ok(TpWeight {
+            shards,
+            split_inputs: split == WeightSplit::Inputs,
+        })
+    }
+
+    /// Each rank's shard is read from `source` straight into its own buffer, and the next rank's is read on a helper
+    /// thread while this thread hands the current one to its rank: on GPUs the upload (on this thread, where the
+    /// rank's device is current) overlaps the reading of the next shard, and at most two shards are in host memory.
+    fn weight_from(
+        &self,
+        source: &dyn WeightSource,
+        weight: &StackedWeight,
+        split: WeightSplit,
+    ) -> Result<Self::Weight> {
+        let n = self.ranks.len();
+        let mut shards = Vec::with_capacity(n);
+        if split == WeightSplit::Replicated {
+            // Every rank holds the same values: read once (generating or converting costs more than copying) and
+            // copy, the last rank taking the buffer itself.
+            let mut whole = Some(read_shard(source, weight, &split, 0, 1)?);
+            for (r, rank) in self.ranks.iter().enumerate() {
+                let host = match r + 1 < n {
+                    true => shard(whole.as_ref().expect("taken by the last rank"), &split, 0, 1)?,
+                    false => whole.take().expect("taken once"),
+                };
+                rank.make_current();
+                shards.push(rank.weight(host)?);
+            }
+        } else {
+            let split = &split;
+            std::thread::scope(|scope| -> Result<()> {
+                let read = |r: usize| scope.spawn(move || read_shard(source, weight, split, r, n));
+                let mut next = Some(read(0));
+                for (r, rank) in self.ranks.iter().enumerate() {
+                    let pending = next.take().expect("a read per rank");
+                    let host = pending
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+                    if r + 1 < n {
+                        next = Some(read(r + 1));
+                    }
+                    rank.make_current();
+                    shards.push(rank.weight(host)?);
+                }
+                Ok(())
+            })?;
+        }
         Ok(TpWeight {
             shards,
             split_inputs: split == WeightSplit::Inputs,
@@ -501,27 +556,69 @@ fn tp_error(message: String) -> Error {
 /// Rank `rank`'s share (of `n`) of `tensor` under `split`.
 pub fn shard(tensor: &HostTensor, split: &WeightSplit, rank: usize, n: usize) -> Result<HostTensor> {
     let (shape, take) = shard_plan(&tensor.shape, split, rank, n)?;
-    let data = match &tensor.data {
-        HostData::F32(v) => HostData::F32(gather(v, &take)),
-        HostData::BF16(v) => HostData::BF16(gather(v, &take)),
-    };
+    let mut data = HostData::zeroed(tensor.data.dtype(), take.iter().map(ExactSizeIterator::len).sum());
+    match (&tensor.data, data.as_mut_slice()) {
+        (HostData::F32(v), HostSliceMut::F32(out)) => gather(v, &take, out),
+        (HostData::BF16(v), HostSliceMut::BF16(out)) => gather(v, &take, out),
+        _ => unreachable!("zeroed in the tensor's own dtype"),
+    }
     Ok(HostTensor { shape, data })
 }
 
-/// The elements of `src` in `take`, concatenated, copied in parallel: a rank's shards of a 70B model are 70 GB, which
-/// an element-wise collect took over 5 minutes to gather on the GPU host (measured there).
-fn gather<T: Copy + Default + Send + Sync>(src: &[T], take: &[std::ops::Range<usize>]) -> Vec<T> {
+/// Rank `rank`'s share (of `n`) of `weight` under `split`, read from `source`: the same values as
+/// [`shard`]`(weight.read_by_stacking(source))`, but each part's rows or columns for this rank are read straight into
+/// one buffer, so every value is written once (the whole stacked tensor is never built).
+pub fn read_shard(
+    source: &dyn WeightSource,
+    weight: &StackedWeight,
+    split: &WeightSplit,
+    rank: usize,
+    n: usize,
+) -> Result<HostTensor> {
+    let whole_shape = weight.shape();
+    let (shape, _) = shard_plan(&whole_shape, split, rank, n)?;
+    let (n_rows, n_cols) = matrix_dims(&whole_shape);
+    let mut data = HostData::zeroed(weight.host_dtype(source)?, shape.iter().product());
+    let mut out = data.as_mut_slice();
+    let mut at = 0;
+    // The blocks `shard_plan` cuts, in its order: whole rows of each part for an output split, a run of columns of
+    // every row for an input split.
+    let mut read = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
+        let len = rows.len() * cols.len();
+        weight.read_block(source, rows, cols, out.slice(at..at + len))?;
+        at += len;
+        Result::Ok(())
+    };
+    match split {
+        WeightSplit::Replicated => read(0..n_rows, 0..n_cols)?,
+        WeightSplit::Outputs(parts) => {
+            let mut part_start = 0;
+            for &part in parts {
+                let first_row = part_start + rank * (part / n);
+                read(first_row..first_row + part / n, 0..n_cols)?;
+                part_start += part;
+            }
+        }
+        WeightSplit::Inputs => {
+            let piece = n_cols / n;
+            read(0..n_rows, rank * piece..(rank + 1) * piece)?;
+        }
+    }
+    Ok(HostTensor { shape, data })
+}
+
+/// Copies the elements of `src` in `take`, concatenated, into `out`, in parallel: a rank's shards of a 70B model are
+/// 70 GB, which an element-wise collect took over 5 minutes to gather on the GPU host (measured there).
+fn gather<T: Copy + Send + Sync>(src: &[T], take: &[std::ops::Range<usize>], out: &mut [T]) {
     const CHUNK: usize = 1 << 20;
-    let mut out = vec![T::default(); take.iter().map(ExactSizeIterator::len).sum()];
     let mut pieces = Vec::new();
-    let mut rest = out.as_mut_slice();
+    let mut rest = out;
     for range in take {
         let (dst, tail) = rest.split_at_mut(range.len());
         pieces.extend(dst.chunks_mut(CHUNK).zip(src[range.clone()].chunks(CHUNK)));
         rest = tail;
     }
     pieces.into_par_iter().for_each(|(d, s)| d.copy_from_slice(s));
-    out
 }
 
 /// The shard's shape and the element ranges of the whole tensor it is made of, in order.

@@ -724,6 +724,10 @@ impl CudaBackend {
         self.allocator.release_cached() > 0
     }
 
+    /// Copies `host` to a new device buffer. The caller may free or reuse `host` as soon as this returns (weights are
+    /// dropped right after, and `Tp::weight_from` reads the next rank's shard meanwhile): `host` is pageable memory,
+    /// which the driver stages before `cuMemcpyHtoDAsync` returns. Pinned host memory would not be staged, and this
+    /// would then have to wait for the copy.
     fn upload<T: Copy>(&self, host: &[T]) -> Result<DeviceBuffer> {
         let buf = self.alloc(std::mem::size_of_val(host))?;
         if !host.is_empty() {
