@@ -288,6 +288,23 @@ pub trait Backend: Send + Sync {
     fn kv_block_bytes(&self, layout: &KvLayout) -> usize;
     /// Copies block `block` of layer `layer_idx` into `dst` (exactly `kv_block_bytes` long).
     fn export_kv_block(&self, cache: &Self::KvCache, layer_idx: usize, block: u32, dst: &mut [u8]) -> Result<()>;
+    /// [`Backend::export_kv_block`] of each of `blocks` in layer `layer_idx`, one after the other into `dst`
+    /// (`blocks.len() × kv_block_bytes` long). Backends with their own memory override it to gather the blocks on
+    /// the device and copy once (one small synchronous copy per block limits a transfer to a few GB/s).
+    fn export_kv_blocks(&self, cache: &Self::KvCache, layer_idx: usize, blocks: &[u32], dst: &mut [u8]) -> Result<()> {
+        let block_bytes = if blocks.is_empty() { 0 } else { dst.len() / blocks.len() };
+        if block_bytes * blocks.len() != dst.len() {
+            return Err(crate::error::Error::InvalidRequest(format!(
+                "{} bytes do not hold {} whole KV blocks",
+                dst.len(),
+                blocks.len()
+            )));
+        }
+        for (&block, chunk) in blocks.iter().zip(dst.chunks_exact_mut(block_bytes.max(1))) {
+            self.export_kv_block(cache, layer_idx, block, chunk)?;
+        }
+        Ok(())
+    }
     /// Overwrites block `block` of layer `layer_idx` from `src` (as produced by `export_kv_block`).
     fn import_kv_block(&self, cache: &mut Self::KvCache, layer_idx: usize, block: u32, src: &[u8]) -> Result<()>;
 

@@ -411,6 +411,39 @@ impl<B: RankBackend> Backend for Tp<B> {
         Ok(())
     }
 
+    /// Each rank exports its share of all the blocks at once; the heads are then interleaved block by block as
+    /// [`Backend::export_kv_block`] does.
+    fn export_kv_blocks(&self, cache: &Self::KvCache, layer_idx: usize, blocks: &[u32], dst: &mut [u8]) -> Result<()> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let block_bytes = dst.len() / blocks.len();
+        let (row_bytes, piece) = self.block_rows(&cache.layout, block_bytes)?;
+        if block_bytes * blocks.len() != dst.len() {
+            return Err(tp_error(format!(
+                "{} bytes do not hold {} whole KV blocks",
+                dst.len(),
+                blocks.len()
+            )));
+        }
+        let rank_block_bytes = block_bytes / self.ranks.len();
+        let mut local = vec![0u8; rank_block_bytes * blocks.len()];
+        for (r, (rank, rank_cache)) in self.ranks.iter().zip(&cache.ranks).enumerate() {
+            rank.make_current();
+            rank.export_kv_blocks(rank_cache, layer_idx, blocks, &mut local)?;
+            for (whole, share) in dst
+                .chunks_exact_mut(block_bytes)
+                .zip(local.chunks_exact(rank_block_bytes))
+            {
+                for (row, heads) in share.chunks_exact(piece).enumerate() {
+                    let at = row * row_bytes + r * piece;
+                    whole[at..at + piece].copy_from_slice(heads);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn import_kv_block(&self, cache: &mut Self::KvCache, layer_idx: usize, block: u32, src: &[u8]) -> Result<()> {
         let (row_bytes, piece) = self.block_rows(&cache.layout, src.len())?;
         let mut local = vec![0u8; src.len() / self.ranks.len()];

@@ -168,14 +168,18 @@ impl<B: Backend> Engine<B> {
         params: &RequestParams,
         sink: &mut dyn FnMut(KvBlockChunk) -> Result<()>,
     ) -> Result<u32> {
-        let mut bytes = vec![0u8; self.backend.kv_block_bytes(&self.layout)];
+        let block_bytes = self.backend.kv_block_bytes(&self.layout);
+        let mut bytes = Vec::new();
         self.prefill_remote_with(remote, params, &mut |backend, cache, layer_idx, blocks| {
-            for (block_index, &block) in blocks.iter().enumerate().skip(remote.n_cached_blocks) {
-                backend.export_kv_block(cache, layer_idx, block, &mut bytes)?;
+            // The layer's new blocks leave the device in one copy, then cross one block at a time.
+            let new = blocks.get(remote.n_cached_blocks..).unwrap_or_default();
+            bytes.resize(new.len() * block_bytes, 0);
+            backend.export_kv_blocks(cache, layer_idx, new, &mut bytes)?;
+            for (i, chunk) in bytes.chunks_exact(block_bytes).enumerate() {
                 sink(KvBlockChunk {
                     layer_idx,
-                    block_index,
-                    bytes: &bytes,
+                    block_index: remote.n_cached_blocks + i,
+                    bytes: chunk,
                 })?;
             }
             Ok(())

@@ -1948,6 +1948,52 @@ impl Backend for CudaBackend {
         self.synchronize()
     }
 
+    /// The blocks are gathered on the device into one staging buffer (the peer-copy kernel, staging block `i` =
+    /// `blocks[i]`), after the work queued so far, and copied to the host at once.
+    fn export_kv_blocks(&self, cache: &CudaKvCache, layer_idx: usize, blocks: &[u32], dst: &mut [u8]) -> Result<()> {
+        let block_bytes = self.kv_block_bytes(&cache.layout);
+        if dst.len() != blocks.len() * block_bytes {
+            return Err(err(format!(
+                "{} bytes for {} KV blocks of {block_bytes} bytes",
+                dst.len(),
+                blocks.len()
+            )));
+        }
+        if let Some(&block) = blocks.iter().find(|&&b| b as usize >= cache.layout.n_blocks) {
+            return Err(err(format!(
+                "KV block {block} is out of range ({} blocks)",
+                cache.layout.n_blocks
+            )));
+        }
+        if layer_idx >= cache.layout.n_layers || blocks.is_empty() {
+            return match blocks.is_empty() {
+                true => Ok(()),
+                false => Err(err(format!("KV layer {layer_idx} of {}", cache.layout.n_layers))),
+            };
+        }
+        let pairs: Vec<u32> = blocks.iter().zip(0u32..).flat_map(|(&src, i)| [src, i]).collect();
+        let table = self.upload(&pairs)?;
+        let staging = self.alloc(dst.len())?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks.len() as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "copy_kv_blocks",
+            &self.functions["copy_kv_blocks"],
+            cfg,
+            &[&staging.ptr, &cache.layer_ptr(layer_idx), &table.ptr],
+            &[Scalar::U64(block_bytes as u64 / 16)],
+        );
+        // SAFETY: `staging` holds dst.len() bytes, written by the kernel queued before on this stream.
+        driver("copying KV blocks from the GPU", unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(dst, staging.ptr, self.stream.cu_stream())
+        })?;
+        // The buffers go back to the allocator only once the copy is done.
+        self.synchronize()
+    }
+
     fn import_kv_block(&self, cache: &mut CudaKvCache, layer_idx: usize, block: u32, src: &[u8]) -> Result<()> {
         let at = self.block_ptr(cache, layer_idx, block, src.len())?;
         // SAFETY: range checked by block_ptr.
