@@ -56,5 +56,6 @@ if [[ $phases == *70b* ]] && [ "$n_gpus" -ge 4 ]; then
     "$bin" bench --compare "${specs[@]}" \
         --rates "${RATES:-0.5,1,2,4}" --num-requests "${NUM_REQUESTS:-30}" --seed 1 \
         --input-len fixed:3000 --output-len fixed:150 --vocab-size 128000 --gpus 4 \
-        --output-json "$out/llama3-70b-tp2.json" --serve-log-dir "$out/serve-logs" 2>&1 | tee "$out/llama3-70b-tp2.txt"
+        --output-json "$out/llama3-70b-tp2.json" --plot-dir "$out/plots" --serve-log-dir "$out/serve-logs" 2>&1 |
+        tee "$out/llama3-70b-tp2.txt"
 fi

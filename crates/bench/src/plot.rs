@@ -69,6 +69,9 @@ pub fn write_all(dir: &Path, runs: &[Run], long_prompt_tokens: u32, sweep: bool)
         let path = dir.join("vs_rate.svg");
         vs_rate(&path, runs).with_context(|| format!("plotting {}", path.display()))?;
         files.push(path);
+        let path = dir.join("throughput_per_gpu_vs_per_user.svg");
+        per_gpu_vs_per_user(&path, runs).with_context(|| format!("plotting {}", path.display()))?;
+        files.push(path);
     }
     Ok(files)
 }
@@ -303,6 +306,62 @@ fn vs_rate(path: &Path, runs: &[Run]) -> Result<()> {
             .border_style(BLACK)
             .draw()?;
     }
+    root.present()?;
+    Ok(())
+}
+
+/// The serving trade-off curve: output tokens/s per GPU against output tokens/s per user, one point per rate (its
+/// label), one line per target. Up and to the right is better.
+fn per_gpu_vs_per_user(path: &Path, runs: &[Run]) -> Result<()> {
+    let mut targets: Vec<&str> = Vec::new();
+    for run in runs {
+        if !targets.contains(&run.target.as_str()) {
+            targets.push(&run.target);
+        }
+    }
+    let point = |r: &Run| {
+        (
+            r.summary.output_tokens_per_s_per_user,
+            r.summary.output_tokens_per_s_per_gpu,
+        )
+    };
+    let x_max = runs.iter().map(|r| point(r).0).fold(1e-3, f64::max) * 1.1;
+    let y_max = runs.iter().map(|r| point(r).1).fold(1e-3, f64::max) * 1.1;
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Throughput per GPU against throughput per user", ("sans-serif", 15))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("output tokens/s per user (1000 / TPOT)")
+        .y_desc("output tokens/s per GPU")
+        .draw()?;
+    for (i, target) in targets.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let mut on_target: Vec<&Run> = runs.iter().filter(|r| r.target == *target).collect();
+        on_target.sort_by(|a, b| point(a).0.total_cmp(&point(b).0));
+        chart.draw_series(LineSeries::new(
+            on_target.iter().map(|r| point(r)),
+            color.stroke_width(2),
+        ))?;
+        chart
+            .draw_series(on_target.iter().map(|r| Circle::new(point(r), 3, color.filled())))?
+            .label(target.to_string())
+            .legend(move |(x, y)| Circle::new((x + 10, y), 3, color.filled()));
+        chart.draw_series(on_target.iter().map(|r| {
+            let label = format!("{} req/s", r.rate.map_or("trace".into(), |x| format!("{x}")));
+            Text::new(label, point(r), ("sans-serif", 11).into_font())
+        }))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
     root.present()?;
     Ok(())
 }

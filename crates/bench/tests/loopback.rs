@@ -326,6 +326,9 @@ fn sweep_reports_goodput_and_counts_one_token_per_chunk_without_usage() {
     assert_eq!(request["output_tokens"], 7);
     assert_eq!(request["itl_ms"].as_array().unwrap().len(), 5);
     assert!(plots.join("vs_rate.svg").exists());
+    // One point per rate, labelled with it.
+    let curve = std::fs::read_to_string(plots.join("throughput_per_gpu_vs_per_user.svg")).unwrap();
+    assert!(curve.contains("50 req/s") && curve.contains("100 req/s"), "{curve}");
     // Chat sends one user message of text.
     let body = &mock.bodies.lock().unwrap()[1];
     assert_eq!(body["messages"][0]["role"], "user");
