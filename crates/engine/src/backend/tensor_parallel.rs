@@ -88,10 +88,10 @@ pub struct Tp<B: RankBackend> {
     /// Declared first so that it is dropped first: communicators go before the devices they run on.
     group: B::Group,
     ranks: Vec<B>,
-    /// Whether decode steps may replay captured graphs at more than one rank (`CLEAVE_TP_GRAPHS=1`). Off by default:
-    /// NCCL warns that graphs holding its collectives, launched for several GPUs from one thread, can deadlock
-    /// (`cudaGraphLaunch` may block until the other GPUs' graphs run), and this engine drives its ranks from one
-    /// thread. To be measured before it is made the default.
+    /// Whether decode steps may replay captured graphs at more than one rank (`CLEAVE_TP_GRAPHS=1`). Off by default
+    /// until measured: NCCL warns that graphs holding its collectives, launched for several GPUs from one thread,
+    /// can deadlock (`cudaGraphLaunch` may block until the other GPUs' graphs run); replays are launched from one
+    /// thread per rank for that reason, but it has not run on GPUs yet.
     graphs: bool,
 }
 
@@ -256,7 +256,28 @@ impl<B: RankBackend> Backend for Tp<B> {
             .into_iter()
             .all(|ok| ok)
         {
-            return self.each(|_, rank| rank.replay_graph(step)).into_iter().collect();
+            // Each rank's graph is launched from a thread of its own: a graph holding NCCL collectives may block
+            // its launch until the other GPUs' graphs run, which one thread launching them in turn would never reach.
+            return std::thread::scope(|scope| {
+                let launches: Vec<_> = self
+                    .ranks
+                    .iter()
+                    .map(|rank| {
+                        scope.spawn(move || {
+                            rank.make_current();
+                            rank.replay_graph(step)
+                        })
+                    })
+                    .collect();
+                launches
+                    .into_iter()
+                    .map(|launch| {
+                        launch
+                            .join()
+                            .unwrap_or_else(|_| Err(tp_error("a rank's graph launch panicked".into())))
+                    })
+                    .collect()
+            });
         }
         let prepared = self
             .each(|_, rank| rank.prepare_graph_capture(step))

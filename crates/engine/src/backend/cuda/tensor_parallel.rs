@@ -6,9 +6,9 @@
 //! all-reduce runs on that rank's stream, ordered after the o_proj or down_proj product that fed it.
 //!
 //! With `CLEAVE_TP_GRAPHS=1`, decode steps run as CUDA graphs as at one rank, one graph per rank: `Tp::run_step`
-//! replays on every rank or captures on every rank, the NCCL all-reduces captured with the kernels around them. Off by
-//! default until measured: NCCL documents that graphs with collectives launched for several GPUs from one thread
-//! can deadlock.
+//! replays on every rank or captures on every rank, the NCCL all-reduces captured with the kernels around them, and
+//! launches each rank's replay from a thread of its own (NCCL documents that graphs with collectives launched for
+//! several GPUs from one thread can deadlock). Off by default until it has run on GPUs.
 
 use cudarc::nccl::{result as nccl, sys as nccl_sys};
 
