@@ -50,7 +50,8 @@ fi
 
 # 3. Four GPUs: Llama-3-70B shape, prefill TP2 + decode TP2 against two TP2 aggregated workers, the workload of
 # NVIDIA's published disaggregation result (ISL 3000, OSL 150), over a sweep of rates for the curve of throughput per
-# GPU against tokens/s per user. SPECS picks the deployments (one per device call fits the time limit).
+# GPU against tokens/s per user. SPECS picks the deployments (one per device call fits the time limit);
+# deploy/llama3-70b-tp2-aggregated-chunked.yaml is the chunked-prefill baseline.
 if [[ $phases == *70b* ]] && [ "$n_gpus" -ge 4 ]; then
     specs=(${SPECS:-deploy/llama3-70b-tp2-aggregated.yaml deploy/llama3-70b-tp2-disaggregated.yaml})
     "$bin" bench --compare "${specs[@]}" \
