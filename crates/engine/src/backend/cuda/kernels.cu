@@ -229,9 +229,23 @@ __device__ void attention(T* out, float* partial, const T* q, const T* layer, co
     }
 }
 
+// Four consecutive elements as floats, in one load (8 bytes of bf16, 16 of f32): the caller keeps `p` 4-aligned.
+__device__ __forceinline__ void load4(const float* p, float v[4]) {
+    float4 x = *reinterpret_cast<const float4*>(p);
+    v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+}
+__device__ __forceinline__ void load4(const __nv_bfloat16* p, float v[4]) {
+    uint2 x = *reinterpret_cast<const uint2*>(p);
+    float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.x));
+    float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.y));
+    v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+}
+
 // The same attention for grouped-query models, one block per (token, kv head, split): the GROUP query heads that
 // share a kv head are computed together, so each K and V row is read once for all of them (GROUP times fewer
-// bytes than `attention`). head_dim <= 128. Writes the output, or partials in `attention`'s layout.
+// bytes than `attention`). head_dim <= 128 and a multiple of 4: lane l holds elements 4l..4l+3 of a row, read in
+// one vector load, and each warp loads its next key's K and V before it computes with the current ones, so two
+// keys' loads are in flight per warp. Writes the output, or partials in `attention`'s layout.
 #define GQA_HD_LANE 4
 template <typename T, int GROUP>
 __device__ void attention_gqa(T* out, float* partial, const T* q, const T* layer, const u32* seq_of_row, const uint4* seq_meta,
@@ -245,32 +259,39 @@ __device__ void attention_gqa(T* out, float* partial, const T* q, const T* layer
     u32 t_begin = split * chunk, t_end = min(n_ctx, t_begin + chunk);
     const u32* table = block_tables + meta.w;
     u32 kv_dim = n_kv_heads * head_dim;
+    const bool active = (u32)(GQA_HD_LANE * lane) < head_dim;
+    const u32 d0 = GQA_HD_LANE * lane;
 
     float qv[GROUP][GQA_HD_LANE], acc[GROUP][GQA_HD_LANE], m[GROUP], l[GROUP];
 #pragma unroll
     for (int g = 0; g < GROUP; g++) {
         const T* qh = q + (u64)row * n_heads * head_dim + (kv_head * GROUP + g) * head_dim;
+        if (active) load4(qh + d0, qv[g]);
 #pragma unroll
         for (int i = 0; i < GQA_HD_LANE; i++) {
-            u32 d = lane + 32 * i;
-            qv[g][i] = d < head_dim ? to_f32(qh[d]) * scale : 0.f;
+            qv[g][i] = active ? qv[g][i] * scale : 0.f;
             acc[g][i] = 0.f;
         }
         m[g] = NEG_INF;
         l[g] = 0.f;
     }
-    for (u32 t = t_begin + warp; t < t_end; t += ATTN_WARPS) {
-        u64 base = (u64)table[t / block_size] * 2 * block_size * kv_dim;
-        u32 off = t % block_size;
-        const T* kt = layer + base + (u64)off * kv_dim + kv_head * head_dim;
-        const T* vt = layer + base + (u64)(block_size + off) * kv_dim + kv_head * head_dim;
-        float kk[GQA_HD_LANE], vv[GQA_HD_LANE];
+    // K and V of key t for this lane (zeros past the context or the head).
+    auto load_kv = [&](u32 t, float kk[GQA_HD_LANE], float vv[GQA_HD_LANE]) {
+        if (t < t_end && active) {
+            u64 base = (u64)table[t / block_size] * 2 * block_size * kv_dim;
+            u32 off = t % block_size;
+            load4(layer + base + (u64)off * kv_dim + kv_head * head_dim + d0, kk);
+            load4(layer + base + (u64)(block_size + off) * kv_dim + kv_head * head_dim + d0, vv);
+        } else {
 #pragma unroll
-        for (int i = 0; i < GQA_HD_LANE; i++) {
-            u32 d = lane + 32 * i;
-            kk[i] = d < head_dim ? to_f32(kt[d]) : 0.f;
-            vv[i] = d < head_dim ? to_f32(vt[d]) : 0.f;
+            for (int i = 0; i < GQA_HD_LANE; i++) kk[i] = vv[i] = 0.f;
         }
+    };
+    float kk[GQA_HD_LANE], vv[GQA_HD_LANE];
+    load_kv(t_begin + warp, kk, vv);
+    for (u32 t = t_begin + warp; t < t_end; t += ATTN_WARPS) {
+        float kn[GQA_HD_LANE], vn[GQA_HD_LANE];
+        load_kv(t + ATTN_WARPS, kn, vn);
         float s[GROUP];
 #pragma unroll
         for (int g = 0; g < GROUP; g++) {
@@ -293,6 +314,8 @@ __device__ void attention_gqa(T* out, float* partial, const T* q, const T* layer
             for (int i = 0; i < GQA_HD_LANE; i++) acc[g][i] = acc[g][i] * correction + p * vv[i];
             m[g] = m_new;
         }
+#pragma unroll
+        for (int i = 0; i < GQA_HD_LANE; i++) { kk[i] = kn[i]; vv[i] = vn[i]; }
     }
     __shared__ float s_m[ATTN_WARPS][GROUP], s_l[ATTN_WARPS][GROUP];
     __shared__ float s_acc[ATTN_WARPS][GROUP][32 * GQA_HD_LANE];
@@ -300,7 +323,7 @@ __device__ void attention_gqa(T* out, float* partial, const T* q, const T* layer
     for (int g = 0; g < GROUP; g++) {
         if (lane == 0) { s_m[warp][g] = m[g]; s_l[warp][g] = l[g]; }
 #pragma unroll
-        for (int i = 0; i < GQA_HD_LANE; i++) s_acc[warp][g][lane + 32 * i] = acc[g][i];
+        for (int i = 0; i < GQA_HD_LANE; i++) s_acc[warp][g][d0 + i] = acc[g][i];
     }
     __syncthreads();
     // Every thread merges some (head, element) pairs across the warps.

@@ -1135,8 +1135,9 @@ impl CudaBackend {
             );
             return;
         }
-        // Query heads sharing a kv head run in one block, reading K and V once (head_dim up to 128).
-        let gqa = shape.head_dim <= 128 && (1..=8).contains(&group);
+        // Query heads sharing a kv head run in one block, reading K and V once (head_dim up to 128, in vector loads
+        // of 4 elements).
+        let gqa = shape.head_dim <= 128 && shape.head_dim.is_multiple_of(4) && (1..=8).contains(&group);
         let (kernel, blocks_y) = if gqa {
             (format!("attention_gqa{group}"), shape.n_kv_heads)
         } else {
