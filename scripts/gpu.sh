@@ -22,8 +22,8 @@ fi
 "$bin" bench-engine --backend cuda --model llama3-8b \
     --prompt-tokens ${PROMPTS:-512,2048,8192,32768} --batch ${BATCHES:-1,8,64,256} --context ${CONTEXTS:-1024,4096} \
     --decode-steps 32 --repeat ${REPEAT:-2} > "$out/bench.json" 2> >(tee "$out/bench.log" >&2)
-# Where a decode step's GPU time goes, op by op (events between ops; graphs off): decode at batch 1, 64 and 256.
-CLEAVE_PROFILE_OPS=1 "$bin" bench-engine --backend cuda --model llama3-8b --prompt-tokens 512 --batch 1,64,256 \
+# Where the GPU time goes, op by op (events between ops; graphs off): an 8k prefill, decode at batch 1, 64 and 256.
+CLEAVE_PROFILE_OPS=1 "$bin" bench-engine --backend cuda --model llama3-8b --prompt-tokens 8192 --batch 1,64,256 \
     --context 1024 --decode-steps 16 --repeat 1 > "$out/bench-op-profile.json" 2> >(tee "$out/bench-op-profile.log" >&2)
 # The same decode points op by op (no CUDA graphs), for the graphs' effect on the same card in the same run.
 CLEAVE_CUDA_GRAPHS=0 "$bin" bench-engine --backend cuda --model llama3-8b --prompt-tokens 512 --batch 1,64 \

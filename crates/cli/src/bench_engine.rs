@@ -57,6 +57,18 @@ pub fn run(args: BenchEngineArgs) -> Result<()> {
     with_engine!(&args.engine, resolved, config, |engine| bench_with(engine, &args))
 }
 
+/// Where the GPU time of a measurement went (`CLEAVE_PROFILE_OPS=1`): ms per op divided by `per` (steps), as JSON,
+/// with the largest printed.
+fn op_table(profile: &[(String, f64)], per: usize) -> serde_json::Map<String, serde_json::Value> {
+    for (name, ms) in profile.iter().take(12) {
+        eprintln!("    {name:<40} {:>9.3} ms", ms / per as f64);
+    }
+    profile
+        .iter()
+        .map(|(name, ms)| (name.clone(), serde_json::json!(ms / per as f64)))
+        .collect()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -98,14 +110,16 @@ fn bench_with<B: Backend>(mut engine: Engine<B>, args: &BenchEngineArgs) -> Resu
     );
 
     for &n in &args.prompt_tokens {
-        let mut times = Vec::new();
+        let (mut times, mut profile) = (Vec::new(), Vec::new());
         for rep in 0..args.repeat.max(1) + 1 {
+            engine.take_op_profile();
             let start = Instant::now();
             engine.generate(vec![(ids(n, rep as u32), greedy(1))])?;
             // The first run warms up (kernel loading, allocator) and is not counted.
             if rep > 0 {
                 times.push(start.elapsed().as_secs_f64());
             }
+            profile = engine.take_op_profile();
         }
         let t = median(times.clone());
         // Linear layers: 2 FLOPs per parameter per token (the embedding lookup is free, the LM head runs once);
@@ -114,16 +128,17 @@ fn bench_with<B: Backend>(mut engine: Engine<B>, args: &BenchEngineArgs) -> Resu
         let flops = 2.0 * params_matmul as f64 * n as f64
             + 2.0 * 2.0 * (n as f64).powi(2) / 2.0 * (c.n_layers * c.q_dim()) as f64;
         let tflops = flops / t / 1e12;
-        rows.push(serde_json::json!({
-            "kind": "prefill", "prompt_tokens": n, "seconds": times, "median_s": t,
-            "tokens_per_s": n as f64 / t, "tflops": tflops, "fraction_of_peak": tflops / peak_tflops,
-        }));
         eprintln!(
             "prefill {n:>6} tokens: {:>9.2} ms  {:>8.1} TFLOP/s  {:>5.1}% of {peak_tflops} TFLOP/s",
             t * 1e3,
             tflops,
             100.0 * tflops / peak_tflops
         );
+        rows.push(serde_json::json!({
+            "kind": "prefill", "prompt_tokens": n, "seconds": times, "median_s": t,
+            "tokens_per_s": n as f64 / t, "tflops": tflops, "fraction_of_peak": tflops / peak_tflops,
+            "op_ms": op_table(&profile, 1),
+        }));
     }
 
     for &context in &args.context {
@@ -170,19 +185,6 @@ fn bench_with<B: Backend>(mut engine: Engine<B>, args: &BenchEngineArgs) -> Resu
             // Bytes a step must read at least: every weight once, plus each sequence's KV.
             let bytes = weight_bytes as f64 + (batch * (context + args.decode_steps / 2) * kv_bytes_per_token) as f64;
             let gbs = bytes / step_s / 1e9;
-            // Where the GPU time of the last repetition's steps went, per step (CLEAVE_PROFILE_OPS=1).
-            let op_ms_per_step: serde_json::Map<String, serde_json::Value> = profile
-                .iter()
-                .map(|(name, ms)| (name.clone(), serde_json::json!(ms / args.decode_steps as f64)))
-                .collect();
-            for (name, ms) in profile.iter().take(12) {
-                eprintln!("    {name:<40} {:>8.3} ms/step", ms / args.decode_steps as f64);
-            }
-            rows.push(serde_json::json!({
-                "kind": "decode", "batch": batch, "context": context, "step_s": times, "median_step_s": step_s,
-                "tokens_per_s": batch as f64 / step_s, "bytes_per_step": bytes, "gb_per_s": gbs,
-                "fraction_of_bandwidth": gbs / bandwidth_gbs, "op_ms_per_step": op_ms_per_step,
-            }));
             eprintln!(
                 "decode batch {batch:>4} context {context:>6}: {:>8.3} ms/step  {:>9.1} tok/s  {:>7.1} GB/s  {:>5.1}% of {bandwidth_gbs} GB/s",
                 step_s * 1e3,
@@ -190,6 +192,12 @@ fn bench_with<B: Backend>(mut engine: Engine<B>, args: &BenchEngineArgs) -> Resu
                 gbs,
                 100.0 * gbs / bandwidth_gbs
             );
+            rows.push(serde_json::json!({
+                "kind": "decode", "batch": batch, "context": context, "step_s": times, "median_step_s": step_s,
+                "tokens_per_s": batch as f64 / step_s, "bytes_per_step": bytes, "gb_per_s": gbs,
+                "fraction_of_bandwidth": gbs / bandwidth_gbs,
+                "op_ms_per_step": op_table(&profile, args.decode_steps),
+            }));
         }
     }
     let out = serde_json::json!({
