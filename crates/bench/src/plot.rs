@@ -251,15 +251,21 @@ pub fn staircase(sorted: &[f64]) -> Vec<(f64, f64)> {
     corners
 }
 
-/// Three panels against the rate: p99 TTFT, p99 ITL, and SLO attainment (or output tokens/s without SLOs); one line
-/// per target.
-fn vs_rate(path: &Path, runs: &[Run]) -> Result<()> {
+/// The runs' targets, each once, in the order they ran.
+fn targets(runs: &[Run]) -> Vec<&str> {
     let mut targets: Vec<&str> = Vec::new();
     for run in runs {
         if !targets.contains(&run.target.as_str()) {
             targets.push(&run.target);
         }
     }
+    targets
+}
+
+/// Three panels against the rate: p99 TTFT, p99 ITL, and SLO attainment (or output tokens/s without SLOs); one line
+/// per target.
+fn vs_rate(path: &Path, runs: &[Run]) -> Result<()> {
+    let targets = targets(runs);
     let with_slo = runs.iter().all(|r| r.summary.slo.is_some());
     type Metric = fn(&Run) -> Option<f64>;
     let panels: [(&str, Metric); 3] = [
@@ -313,12 +319,7 @@ fn vs_rate(path: &Path, runs: &[Run]) -> Result<()> {
 /// The serving trade-off curve: output tokens/s per GPU against output tokens/s per user, one point per rate (its
 /// label), one line per target. Up and to the right is better.
 fn per_gpu_vs_per_user(path: &Path, runs: &[Run]) -> Result<()> {
-    let mut targets: Vec<&str> = Vec::new();
-    for run in runs {
-        if !targets.contains(&run.target.as_str()) {
-            targets.push(&run.target);
-        }
-    }
+    let targets = targets(runs);
     let point = |r: &Run| {
         (
             r.summary.output_tokens_per_s_per_user,

@@ -30,6 +30,16 @@ pub enum HostDType {
     BF16,
 }
 
+impl HostDType {
+    /// How values of a checkpoint dtype are kept on the host: bf16 as is, f16 widened to f32.
+    pub fn of(dtype: DType) -> Self {
+        match dtype {
+            DType::BF16 => Self::BF16,
+            DType::F32 | DType::F16 => Self::F32,
+        }
+    }
+}
+
 /// Where a block of tensor values is written: a slice of the tensor's host element type, or of f32 (bf16 widens to
 /// f32 exactly, as [`HostTensor::stack_rows`] does for stacks of mixed types).
 pub enum HostSliceMut<'a> {
@@ -459,10 +469,7 @@ impl WeightSource for SafetensorsDir {
     }
 
     fn host_dtype(&self, name: &str, shape: &[usize]) -> Result<HostDType> {
-        Ok(match self.checked(name, shape)?.1 {
-            DType::BF16 => HostDType::BF16,
-            DType::F32 | DType::F16 => HostDType::F32,
-        })
+        Ok(HostDType::of(self.checked(name, shape)?.1))
     }
 
     fn read_block(
@@ -545,10 +552,7 @@ impl WeightSource for DummyWeights {
     }
 
     fn host_dtype(&self, _name: &str, _shape: &[usize]) -> Result<HostDType> {
-        Ok(match self.dtype {
-            DType::BF16 => HostDType::BF16,
-            DType::F32 | DType::F16 => HostDType::F32,
-        })
+        Ok(HostDType::of(self.dtype))
     }
 
     fn read_block(
