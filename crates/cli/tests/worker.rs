@@ -342,6 +342,42 @@ async fn disaggregated_workers_give_the_aggregated_tokens() {
     );
 }
 
+/// A decode worker whose KV pool holds only a few of the prompts at once: the others wait for blocks instead of
+/// being refused, and every request gets the aggregated tokens.
+#[tokio::test]
+async fn remote_prefills_wait_for_kv_blocks_instead_of_being_refused() {
+    let prefill = start_worker_with(&["--model", "tiny", "--role", "prefill"]);
+    // 1 MiB holds 128 blocks of 16 tokens of the tiny model (f32): four of these 410-token requests.
+    let decode = start_worker_with(&[
+        "--model",
+        "tiny",
+        "--role",
+        "decode",
+        "--prefill-worker",
+        &prefill.addr,
+        "--remote-prefill-tokens-min",
+        "16",
+        "--kv-cache-mib",
+        "1",
+    ]);
+    decode.wait_for_log("linked to prefill worker").await;
+    let prompts: Vec<Vec<u32>> = (0..10u32)
+        .map(|i| (0..400u32).map(|j| (j * 13 + i * 101) % 256).collect())
+        .collect();
+    let mut conn = connect(&decode.addr).await;
+    send_all(&mut conn, &prompts, 10).await;
+    let done = collect(&mut conn, prompts.len()).await;
+    for ((id, tokens, _), p) in done.iter().zip(&prompts) {
+        assert_eq!(tokens, &in_process(p, 10), "request {id}");
+    }
+    assert_eq!(
+        decode.log_count("prefilled remotely"),
+        prompts.len(),
+        "{:?}",
+        decode.log.lock().unwrap()
+    );
+}
+
 /// Both roles in one process (`--colocated-prefill`): the prefill worker writes KV straight into the decode
 /// worker's pool (the in-process transport; at 2 ranks each rank into its own), and the tokens are the aggregated
 /// engine's.

@@ -1,7 +1,7 @@
 //! The engine loop: owns the engine, turns commands into engine calls, routes outputs to their connections,
 //! decides local or remote prefill (decode role), serves prefill requests (prefill role), and publishes status.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,9 @@ use cleave_wire::{
 use tokio::sync::mpsc;
 
 use crate::connection::CancelledPrefills;
-use crate::{Command, LOCAL_PREFILL_TOKENS_MAX, PREFILL_LINKS_MAX, REMOTE_PENDING_MAX, WorkerConfig};
+use crate::{
+    AWAITING_BLOCKS_MAX, Command, LOCAL_PREFILL_TOKENS_MAX, PREFILL_LINKS_MAX, REMOTE_PENDING_MAX, WorkerConfig,
+};
 
 /// Status goes out at most this often while the worker is busy (KV events wait for it), and at least this often...
 const STATUS_INTERVAL_MIN: Duration = Duration::from_millis(10);
@@ -47,6 +49,26 @@ struct PendingRemote {
     cancelled: bool,
 }
 
+/// A request bound for remote prefill while this worker's KV pool cannot hold its prompt. It waits, in arrival
+/// order, until finishing sequences free enough blocks: refusing it would lose a request the pool can take in a few
+/// steps, and prefilling it locally would stall every running decode for the whole prompt — the spike
+/// disaggregation removes.
+struct AwaitingBlocks {
+    id: u64,
+    prompt_ids: Vec<u32>,
+    params: WireParams,
+    /// The prefill worker the router named, if any.
+    prefill_worker: Option<String>,
+}
+
+/// What became of a request offered to the engine.
+enum Admitted {
+    Yes,
+    /// Bound for remote prefill, but the KV pool cannot hold its prompt now.
+    NoBlocks,
+    No(cleave_engine::Error),
+}
+
 /// A link to a prefill worker, once up.
 #[derive(Clone)]
 struct Link {
@@ -74,6 +96,8 @@ pub(crate) struct EngineLoop<'a, B: Backend> {
     /// Decode role: prefill workers by address; `None` while (re)connecting.
     links: HashMap<String, Option<Link>>,
     pending: HashMap<u64, PendingRemote>,
+    /// Decode role: requests waiting for KV blocks before their remote prefill (at most `AWAITING_BLOCKS_MAX`).
+    awaiting_blocks: VecDeque<AwaitingBlocks>,
     /// Prefill role: decode workers' KV pools mapped into this process, by connection.
     peers: HashMap<u64, PeerKvCache>,
     subscribers: Vec<Subscriber>,
@@ -105,6 +129,7 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
             clients: HashMap::new(),
             links: HashMap::new(),
             pending: HashMap::new(),
+            awaiting_blocks: VecDeque::new(),
             peers: HashMap::new(),
             subscribers: Vec::new(),
             kv_events: Vec::new(),
@@ -143,6 +168,7 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
             {
                 hook();
             }
+            self.admit_awaiting_blocks();
             if self.engine.n_waiting() + self.engine.n_running() > 0 {
                 self.step();
             }
@@ -186,6 +212,21 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                 outbox,
             } => self.generate(id, Client { client_id, outbox }, prompt_ids, &params, prefill_worker),
             Command::Cancel { id } => {
+                if let Some(i) = self.awaiting_blocks.iter().position(|a| a.id == id) {
+                    let awaiting = self.awaiting_blocks.remove(i).expect("position is in range");
+                    if let Some(client) = self.clients.remove(&id) {
+                        let cancelled = RequestOutput {
+                            id,
+                            token_ids: Vec::new(),
+                            text: String::new(),
+                            finish: Some(FinishReason::Cancelled),
+                            n_prompt_tokens: awaiting.prompt_ids.len(),
+                            n_cached_tokens: 0,
+                        };
+                        deliver(&client, cancelled);
+                    }
+                    return;
+                }
                 // A cancelled remote prefill is stopped on the prefill worker too.
                 if let Some(pending) = self.pending.get_mut(&id) {
                     if pending.cancelled {
@@ -338,20 +379,29 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
             });
             return;
         }
-        let cached = self.engine.cached_prefix_tokens(&prompt_ids);
-        let link = match self.role {
-            Role::Decode => self.remote_prefill_link(prompt_ids.len(), cached, prefill_worker),
-            _ => None,
-        };
         let n_prompt = prompt_ids.len() as u64;
-        let added = match link {
-            Some((addr, link)) => self.start_remote_prefill(id, prompt_ids, params, addr, &link),
-            None => self
-                .engine
-                .add_request(id, prompt_ids, request_params(params))
-                .map(|()| {
-                    self.totals.prefills_local += 1;
-                }),
+        let cached = self.engine.cached_prefix_tokens(&prompt_ids);
+        // Requests already waiting for KV blocks go first.
+        let admitted = if self.awaiting_blocks.is_empty() {
+            self.admit(id, &prompt_ids, params, prefill_worker.clone())
+        } else {
+            Admitted::NoBlocks
+        };
+        let added = match admitted {
+            Admitted::Yes => Ok(()),
+            Admitted::No(e) => Err(e),
+            Admitted::NoBlocks if self.awaiting_blocks.len() >= AWAITING_BLOCKS_MAX => Err(
+                cleave_engine::Error::Overloaded(format!("{AWAITING_BLOCKS_MAX} requests already wait for KV blocks")),
+            ),
+            Admitted::NoBlocks => {
+                self.awaiting_blocks.push_back(AwaitingBlocks {
+                    id,
+                    prompt_ids,
+                    params: params.clone(),
+                    prefill_worker,
+                });
+                Ok(())
+            }
         };
         match added {
             Ok(()) => {
@@ -359,17 +409,50 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                 self.totals.cached_prompt_tokens += cached as u64;
                 self.clients.insert(id, client);
             }
-            Err(e) => {
-                let kind = match e {
-                    cleave_engine::Error::InvalidRequest(_) => ErrorKind::InvalidRequest,
-                    cleave_engine::Error::Overloaded(_) => ErrorKind::Overloaded,
-                    _ => ErrorKind::Internal,
-                };
-                let _ = client.outbox.try_send(Message::Error {
-                    id: Some(client.client_id),
-                    kind,
-                    message: e.to_string(),
-                });
+            Err(e) => refuse(&client, &e),
+        }
+    }
+
+    /// Offers a request to the engine: prefilled here, or parked with its KV blocks while a prefill worker
+    /// computes them.
+    fn admit(&mut self, id: u64, prompt_ids: &[u32], params: &WireParams, prefill_worker: Option<String>) -> Admitted {
+        let link = match self.role {
+            Role::Decode => {
+                let cached = self.engine.cached_prefix_tokens(prompt_ids);
+                self.remote_prefill_link(prompt_ids.len(), cached, prefill_worker)
+            }
+            _ => None,
+        };
+        let added = match link {
+            Some((addr, link)) => match self.start_remote_prefill(id, prompt_ids.to_vec(), params, addr, &link) {
+                Err(cleave_engine::Error::Overloaded(_)) => return Admitted::NoBlocks,
+                other => other,
+            },
+            None => self
+                .engine
+                .add_request(id, prompt_ids.to_vec(), request_params(params))
+                .map(|()| self.totals.prefills_local += 1),
+        };
+        match added {
+            Ok(()) => Admitted::Yes,
+            Err(e) => Admitted::No(e),
+        }
+    }
+
+    /// Admits the requests waiting for KV blocks, in arrival order, while the pool holds the next one.
+    fn admit_awaiting_blocks(&mut self) {
+        while let Some(next) = self.awaiting_blocks.pop_front() {
+            match self.admit(next.id, &next.prompt_ids, &next.params, next.prefill_worker.clone()) {
+                Admitted::Yes => {}
+                Admitted::NoBlocks => {
+                    self.awaiting_blocks.push_front(next);
+                    return;
+                }
+                Admitted::No(e) => {
+                    if let Some(client) = self.clients.remove(&next.id) {
+                        refuse(&client, &e);
+                    }
+                }
             }
         }
     }
@@ -681,7 +764,8 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
             active_blocks: pool.n_in_use() as u32,
             queued_prefill_tokens: self.engine.queued_prefill_tokens() as u64,
             running_requests: self.engine.n_running() as u32,
-            waiting_requests: self.engine.n_waiting() as u32,
+            // Requests waiting for KV blocks are waiting too (the router weighs load by it).
+            waiting_requests: (self.engine.n_waiting() + self.awaiting_blocks.len()) as u32,
             remote_prefills_pending: self.pending.len() as u32,
             draining: self.draining,
             kv_events: Vec::new(),
@@ -731,6 +815,20 @@ fn request_params(p: &WireParams) -> RequestParams {
 }
 
 /// Sends one output; false when the client's outbox is full or closed.
+/// Tells the client its request was not taken, with the error's kind.
+fn refuse(client: &Client, e: &cleave_engine::Error) {
+    let kind = match e {
+        cleave_engine::Error::InvalidRequest(_) => ErrorKind::InvalidRequest,
+        cleave_engine::Error::Overloaded(_) => ErrorKind::Overloaded,
+        _ => ErrorKind::Internal,
+    };
+    let _ = client.outbox.try_send(Message::Error {
+        id: Some(client.client_id),
+        kind,
+        message: e.to_string(),
+    });
+}
+
 fn deliver(client: &Client, out: RequestOutput) -> bool {
     let finish = out.finish.map(|f| match f {
         FinishReason::Length => "length",

@@ -39,6 +39,9 @@ pub const INBOX_MAX: usize = 4096;
 pub const OUTBOX_MAX: usize = 1024;
 /// Remote prefills in flight at most: beyond it the prefill pool is backed up and prompts are prefilled locally.
 pub const REMOTE_PENDING_MAX: usize = 64;
+/// Requests bound for remote prefill that wait for this worker's KV pool to hold their prompt, at most; beyond it
+/// they are refused as overloaded.
+pub const AWAITING_BLOCKS_MAX: usize = 1024;
 /// Default of [`WorkerConfig::remote_queue_tokens_max`].
 pub const REMOTE_QUEUE_TOKENS_MAX_DEFAULT: usize = 8192;
 /// Prompts (uncached part) below this many tokens may be prefilled locally when the prefill worker is backed up;
