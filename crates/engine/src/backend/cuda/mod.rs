@@ -793,6 +793,12 @@ impl CudaBackend {
         }
     }
 
+    /// Threads per row of the norm kernels: one per 8 columns where they take 8 at a time, else one per column.
+    fn norm_threads(cols: usize) -> u32 {
+        let per_thread = if cols.is_multiple_of(8) { 8 } else { 1 };
+        1024.min(cols.div_ceil(per_thread).next_multiple_of(32)) as u32
+    }
+
     fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
@@ -1136,8 +1142,8 @@ impl CudaBackend {
             return;
         }
         // Query heads sharing a kv head run in one block, reading K and V once (head_dim up to 128, in vector loads
-        // of 4 elements).
-        let gqa = shape.head_dim <= 128 && shape.head_dim.is_multiple_of(4) && (1..=8).contains(&group);
+        // of 8 elements).
+        let gqa = shape.head_dim <= 128 && shape.head_dim.is_multiple_of(8) && (1..=8).contains(&group);
         let (kernel, blocks_y) = if gqa {
             (format!("attention_gqa{group}"), shape.n_kv_heads)
         } else {
@@ -1768,7 +1774,7 @@ impl Backend for CudaBackend {
     }
 
     fn rms_norm(&self, out: &mut CudaTensor, x: &CudaTensor, weight: &CudaWeight, eps: f32) {
-        let cfg = Self::rows_cfg(x.rows, 1024.min(x.cols.next_multiple_of(32)) as u32);
+        let cfg = Self::rows_cfg(x.rows, Self::norm_threads(x.cols));
         self.launch(
             "rms_norm",
             self.f("rms_norm"),
@@ -1779,7 +1785,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_rms_norm(&self, x: &mut CudaTensor, y: &CudaTensor, weight: &CudaWeight, eps: f32, out: &mut CudaTensor) {
-        let cfg = Self::rows_cfg(x.rows, 1024.min(x.cols.next_multiple_of(32)) as u32);
+        let cfg = Self::rows_cfg(x.rows, Self::norm_threads(x.cols));
         self.launch(
             "add_rms_norm",
             self.f("add_rms_norm"),
@@ -1896,10 +1902,12 @@ impl Backend for CudaBackend {
 
     fn silu_mul(&self, out: &mut CudaTensor, gate_up: &CudaTensor) {
         let n = out.rows * out.cols;
+        // The kernel takes 8 elements per thread when the row length allows.
+        let per_thread = if out.cols.is_multiple_of(8) { 8 } else { 1 };
         self.launch(
             "silu_mul",
             self.f("silu_mul"),
-            Self::grid_stride(n),
+            Self::grid_stride(n.div_ceil(per_thread)),
             &[&out.buf.ptr, &gate_up.buf.ptr],
             &[Scalar::U32(out.cols as u32), Scalar::U64(n as u64)],
         );
