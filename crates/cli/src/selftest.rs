@@ -104,14 +104,32 @@ pub fn run(args: SelftestArgs) -> Result<()> {
             "check": format!("ceilings on {} ({})", backend.device_name(), backend.arch()),
             "pass": true,
             "copy_gb_per_s": backend.measure_copy_bandwidth(1 << 30, 20)?,
-            "gemm_4096x14336x4096_tflops": backend.measure_gemm_tflops(4096, 14336, 4096, 20)?,
-            "gemm_8192x8192x8192_tflops": backend.measure_gemm_tflops(8192, 8192, 8192, 10)?,
+            "gemm_4096x14336x4096_tflops": backend.measure_gemm_tflops(4096, 14336, 4096, 20, false)?,
+            "gemm_8192x8192x8192_tflops": backend.measure_gemm_tflops(8192, 8192, 8192, 10, false)?,
             // m = 1 reads each bf16 weight once per 2 FLOPs: TFLOP/s × 1000 = GB/s.
-            "gemv_1x14336x4096_gb_per_s": backend.measure_gemm_tflops(1, 14336, 4096, 200)? * 1e3,
+            "gemv_1x14336x4096_gb_per_s": backend.measure_gemm_tflops(1, 14336, 4096, 200, false)? * 1e3,
+            "gemv_ours_1x14336x4096_gb_per_s": backend.measure_gemm_tflops(1, 14336, 4096, 200, true)? * 1e3,
+            "gemv_ours_1x4096x4096_gb_per_s": backend.measure_gemm_tflops(1, 4096, 4096, 200, true)? * 1e3,
+            "gemv_1x4096x4096_gb_per_s": backend.measure_gemm_tflops(1, 4096, 4096, 200, false)? * 1e3,
         })
     };
     println!("{ceilings}");
     results.push(ceilings);
+
+    // The decode GEMV kernels against an f64 product of the same bf16 inputs.
+    {
+        let backend = CudaBackend::with_precision(args.device, Precision::BF16)?;
+        for (case, rel_err) in backend.check_gemv(0x6e3f_0001)? {
+            // bf16 output, f32 accumulation: about 2e-3 relative error when right.
+            let pass = rel_err < 1e-2;
+            let r = json!({ "check": format!("gemv {case}"), "pass": pass, "logit_err": rel_err });
+            println!("{r}");
+            if !pass {
+                failures.push(format!("gemv {case}"));
+            }
+            results.push(r);
+        }
+    }
 
     // Prefill attention kernels (bf16, head_dim 128) against an f64 reference on random inputs, then timed alone
     // at the Llama-3-8B attention shape (32 query heads, 8 kv heads) on one sequence.

@@ -1345,6 +1345,93 @@ extern "C" __global__ void copy_kv_blocks(uint4* dst_layer, const uint4* src_lay
     for (u64 i = threadIdx.x; i < block_words; i += blockDim.x) dst_layer[dst + i] = src_layer[src + i];
 }
 
+// out(m, n) = x(m, k) · w(n, k)ᵀ in bf16 for the few rows of a decode step (m <= 8), where cuBLAS reaches ~80% of
+// HBM bandwidth at best and less on the smaller matrices of a layer. The weight is read once, as a stream: each
+// warp takes GEMV_ROWS rows of w, each lane 16-byte words of them (8 elements) 32 words apart, GEMV_UNROLL words per
+// row in flight before any arithmetic; x (a few KiB, L1-resident) is read beside them and serves every row of the
+// warp. f32 accumulation, one warp reduction per output at the end. k % 8 == 0.
+//   grid: ceil(n / (GEMV_WARPS * GEMV_ROWS)), block: GEMV_WARPS * 32
+#define GEMV_WARPS 4
+#define GEMV_ROWS 2
+#define GEMV_UNROLL 4
+template <int M>
+__device__ void gemv(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, u32 n, u32 k) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u32 row0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+    if (row0 >= n) return;
+    u32 k8 = k / 8;
+    const uint4* wr[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) wr[r] = reinterpret_cast<const uint4*>(w + (u64)min(row0 + r, n - 1) * k);
+    const uint4* xw = reinterpret_cast<const uint4*>(x);
+    float acc[GEMV_ROWS][M];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+#pragma unroll
+        for (int m = 0; m < M; m++) acc[r][m] = 0.f;
+    }
+    for (u32 c0 = lane; c0 < k8; c0 += 32 * GEMV_UNROLL) {
+        uint4 wv[GEMV_UNROLL][GEMV_ROWS];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            u32 c = c0 + 32 * u;
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) wv[u][r] = c < k8 ? __ldcs(wr[r] + c) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            u32 c = c0 + 32 * u;
+            if (c >= k8) break;
+            float wf[GEMV_ROWS][8];
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                Pack8<__nv_bfloat16> pw;
+                pw.w[0] = wv[u][r];
+                unpack8(pw, wf[r]);
+            }
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                Pack8<__nv_bfloat16> px;
+                px.w[0] = __ldg(xw + (u64)m * k8 + c);
+                float xf[8];
+                unpack8(px, xf);
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; r++) {
+#pragma unroll
+                    for (int i = 0; i < 8; i++) acc[r][m] += wf[r][i] * xf[i];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+#pragma unroll
+        for (int m = 0; m < M; m++) acc[r][m] = warp_sum(acc[r][m]);
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            if (row0 + r >= n) break;
+#pragma unroll
+            for (int m = 0; m < M; m++) out[(u64)m * n + row0 + r] = __float2bfloat16(acc[r][m]);
+        }
+    }
+}
+
+#define INSTANTIATE_GEMV(M)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                    \
+        gemv_m##M##_bf16(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, u32 n, u32 k) {        \
+        gemv<M>(out, x, w, n, k);                                                                                   \
+    }
+INSTANTIATE_GEMV(1)
+INSTANTIATE_GEMV(2)
+INSTANTIATE_GEMV(3)
+INSTANTIATE_GEMV(4)
+INSTANTIATE_GEMV(5)
+INSTANTIATE_GEMV(6)
+INSTANTIATE_GEMV(7)
+INSTANTIATE_GEMV(8)
+
 // Streams `n` 16-byte words: the bandwidth ceiling the benchmarks report against.
 extern "C" __global__ void copy_u128(uint4* dst, const uint4* src, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) dst[i] = src[i];

@@ -218,6 +218,10 @@ const SAMPLE_STATIC_SMEM: usize = 2048;
 
 /// Context tokens one block of the decode attention kernel walks at most (see `attention`).
 const ATTENTION_SPLIT_TOKENS: usize = 1024;
+/// Rows of x up to which bf16 products run on the `gemv_m*` kernels instead of cuBLAS.
+const GEMV_M_MAX: usize = 8;
+/// Rows of w per block of the `gemv_m*` kernels: GEMV_WARPS × GEMV_ROWS in kernels.cu.
+const GEMV_ROWS_PER_BLOCK: usize = 8;
 
 /// One step's inputs, uploaded once.
 pub struct CudaBatch {
@@ -376,6 +380,9 @@ pub struct CudaBackend {
     _blas_workspace: DeviceBuffer,
     /// The bf16 prefill attention kernel where its shape allows (falls back to the next one otherwise).
     prefill_kernel: PrefillKernel,
+    /// bf16 products of up to GEMV_M_MAX rows run on our GEMV kernel instead of cuBLAS: opt-in (`CLEAVE_GEMV=1`)
+    /// until it has been measured on a GPU.
+    gemv: bool,
     /// Where KV copies to a peer's pool run, so that layer i's copy overlaps layer i + 1's compute.
     copy_stream: Arc<CudaStream>,
     /// Block-pair tables of copies queued on `copy_stream`, kept alive until `finish_peer_copies`.
@@ -462,6 +469,7 @@ impl CudaBackend {
             .iter()
             .map(|n| format!("{n}_{}", elem.suffix()))
             .chain((1..=8).map(|g| format!("attention_gqa{g}_{}", elem.suffix())))
+            .chain((1..=GEMV_M_MAX).map(|m| format!("gemv_m{m}_bf16")))
             .chain(SAMPLE_KERNELS.map(String::from))
             .chain(["copy_u128", "copy_kv_blocks", "flash_prefill_bf16"].map(String::from))
             .chain(FA2_HEADS_PER_BLOCK.map(flash2_name))
@@ -489,6 +497,7 @@ impl CudaBackend {
             Ok("decode") => PrefillKernel::Decode,
             _ => PrefillKernel::Flash2SharedQ,
         };
+        let gemv = std::env::var("CLEAVE_GEMV").as_deref() == Ok("1");
         let n_sms = driver(
             "reading the SM count",
             ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
@@ -552,6 +561,7 @@ impl CudaBackend {
             block_size: std::sync::atomic::AtomicU32::new(0),
             _blas_workspace: blas_workspace,
             prefill_kernel,
+            gemv,
             copy_stream,
             peer_copy_tables: Mutex::new(Vec::new()),
             op_events: profile_ops.then(|| Mutex::new(Vec::new())),
@@ -793,6 +803,66 @@ impl CudaBackend {
         }
     }
 
+    /// out(m, n) = x(m, k) · w(n, k)ᵀ on cuBLAS.
+    fn gemm_cublas(&self, out: &mut CudaTensor, x: &CudaTensor, w: &CudaWeight) {
+        let (m, n, k) = (x.rows as i32, w.rows as i32, x.cols as i32);
+        // Row-major out(m, n) = x(m, k) · w(n, k)ᵀ is column-major outᵀ(n, m) = w(k, n)ᵀ · xᵀ(k, m).
+        let (alpha, beta) = (1f32, 0f32);
+        let t = self.elem.cuda_type();
+        self.mark_op(|| format!("gemm {n}x{k}"));
+        // SAFETY: pointers and leading dimensions describe the buffers' shapes, asserted above.
+        let r = unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n,
+                m,
+                k,
+                &alpha as *const f32 as *const _,
+                w.buf.ptr as *const _,
+                t,
+                k,
+                x.buf.ptr as *const _,
+                t,
+                k,
+                &beta as *const f32 as *const _,
+                out.buf.ptr as *mut _,
+                t,
+                n,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if let Err(e) = r {
+            panic!("cuBLAS GEMM ({m}×{n}×{k}) failed: {e}");
+        }
+    }
+
+    /// Whether `gemv` computes an `m`-row product with `k` columns: bf16, m ≤ GEMV_M_MAX, 16-byte rows.
+    fn gemv_fits(&self, m: usize, k: usize) -> bool {
+        self.elem == Elem::BF16 && (1..=GEMV_M_MAX).contains(&m) && k.is_multiple_of(8)
+    }
+
+    /// out(m, n) = x(m, k) · w(n, k)ᵀ on the `gemv_m*` kernels (see `gemv_fits`).
+    fn gemv(&self, out: &mut CudaTensor, x: &CudaTensor, w: &CudaWeight) {
+        let (m, n, k) = (x.rows, w.rows, x.cols);
+        self.mark_op(|| format!("gemv {n}x{k}"));
+        let name = format!("gemv_m{m}_bf16");
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            &name,
+            &self.functions[&name],
+            cfg,
+            &[&out.buf.ptr, &x.buf.ptr, &w.buf.ptr],
+            &[Scalar::U32(n as u32), Scalar::U32(k as u32)],
+        );
+    }
+
     /// Threads per row of the norm kernels: one per 8 columns where they take 8 at a time, else one per column.
     fn norm_threads(cols: usize) -> u32 {
         let per_thread = if cols.is_multiple_of(8) { 8 } else { 1 };
@@ -993,8 +1063,15 @@ impl CudaBackend {
         Ok(bytes as f64 * reps as f64 / start.elapsed().as_secs_f64() / 1e9)
     }
 
-    /// Measures cuBLAS throughput on an `m × n × k` product in the backend's element type, in TFLOP/s.
-    pub fn measure_gemm_tflops(&self, m: usize, n: usize, k: usize, reps: usize) -> Result<f64> {
+    /// Measures throughput on an `m × n × k` product in the backend's element type, in TFLOP/s: cuBLAS, or with
+    /// `gemv` our GEMV kernel (bf16, m ≤ 8).
+    pub fn measure_gemm_tflops(&self, m: usize, n: usize, k: usize, reps: usize, gemv: bool) -> Result<f64> {
+        if gemv && !self.gemv_fits(m, k) {
+            return Err(err(format!(
+                "the GEMV kernel does not compute a {m}×{n}×{k} product in {:?}",
+                self.elem
+            )));
+        }
         let e = self.elem.size();
         let (a, b, c) = (self.alloc(m * k * e)?, self.alloc(n * k * e)?, self.alloc(m * n * e)?);
         let (x, w, mut out) = (
@@ -1026,14 +1103,81 @@ impl CudaBackend {
                 &[Scalar::U64((buf.bytes / 16).min(NOISE_BYTES / 16) as u64)],
             );
         }
-        self.linear(&mut out, &x, &w, None);
+        let product = |out: &mut CudaTensor| match gemv {
+            true => self.gemv(out, &x, &w),
+            false => self.gemm_cublas(out, &x, &w),
+        };
+        product(&mut out);
         self.synchronize()?;
         let start = std::time::Instant::now();
         for _ in 0..reps {
-            self.linear(&mut out, &x, &w, None);
+            product(&mut out);
         }
         self.synchronize()?;
         Ok(2.0 * (m * n * k) as f64 * reps as f64 / start.elapsed().as_secs_f64() / 1e12)
+    }
+
+    /// Checks the GEMV kernels (every m from 1 to GEMV_M_MAX) against an f64 product computed on the host from the
+    /// same bf16 inputs, on shapes with a partial last block of rows. Returns (case, ‖out − ref‖ / ‖ref‖). Needs a
+    /// bf16 backend.
+    pub fn check_gemv(&self, seed: u64) -> Result<Vec<(String, f64)>> {
+        if self.elem != Elem::BF16 {
+            return Err(err("the GEMV check runs on a bf16 backend"));
+        }
+        let mut rng = seed | 1;
+        let mut bf16_values = |n: usize| -> Vec<u16> {
+            (0..n)
+                .map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    let v = (rng >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                    (v.to_bits() >> 16) as u16
+                })
+                .collect()
+        };
+        let to_f64 = |b: u16| f32::from_bits((b as u32) << 16) as f64;
+        let mut results = Vec::new();
+        for (n, k) in [(1001, 4096), (300, 14336)] {
+            let w_host = bf16_values(n * k);
+            let w = CudaWeight {
+                buf: self.upload(&w_host)?,
+                rows: n,
+                cols: k,
+            };
+            for m in 1..=GEMV_M_MAX {
+                let x_host = bf16_values(m * k);
+                let x = CudaTensor {
+                    buf: self.upload(&x_host)?,
+                    rows: m,
+                    cols: k,
+                };
+                let mut out = CudaTensor {
+                    buf: self.upload(&vec![0xffffu16; m * n])?,
+                    rows: m,
+                    cols: n,
+                };
+                self.gemv(&mut out, &x, &w);
+                let got = self.to_host(&out)?;
+                let (mut diff2, mut ref2) = (0f64, 0f64);
+                for i in 0..m {
+                    for j in 0..n {
+                        let r: f64 = (0..k)
+                            .map(|c| to_f64(x_host[i * k + c]) * to_f64(w_host[j * k + c]))
+                            .sum();
+                        let g = got[i * n + j] as f64;
+                        diff2 += if g.is_finite() {
+                            (g - r) * (g - r)
+                        } else {
+                            f64::INFINITY
+                        };
+                        ref2 += r * r;
+                    }
+                }
+                results.push((format!("{m}x{n}x{k}"), (diff2 / ref2).sqrt()));
+            }
+        }
+        Ok(results)
     }
 
     /// Attention of a step's rows with the given prefill kernel where the shape and dtype allow it: the `Flash2`
@@ -1801,37 +1945,10 @@ impl Backend for CudaBackend {
             "linear: x has {} columns, weight expects {}",
             x.cols, w.cols
         );
-        let (m, n, k) = (x.rows as i32, w.rows as i32, x.cols as i32);
-        // Row-major out(m, n) = x(m, k) · w(n, k)ᵀ is column-major outᵀ(n, m) = w(k, n)ᵀ · xᵀ(k, m).
-        let (alpha, beta) = (1f32, 0f32);
-        let t = self.elem.cuda_type();
-        self.mark_op(|| format!("gemm {n}x{k}"));
-        // SAFETY: pointers and leading dimensions describe the buffers' shapes, asserted above.
-        let r = unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
-                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
-                n,
-                m,
-                k,
-                &alpha as *const f32 as *const _,
-                w.buf.ptr as *const _,
-                t,
-                k,
-                x.buf.ptr as *const _,
-                t,
-                k,
-                &beta as *const f32 as *const _,
-                out.buf.ptr as *mut _,
-                t,
-                n,
-                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        };
-        if let Err(e) = r {
-            panic!("cuBLAS GEMM ({m}×{n}×{k}) failed: {e}");
+        if self.gemv && self.gemv_fits(x.rows, x.cols) {
+            self.gemv(out, x, w);
+        } else {
+            self.gemm_cublas(out, x, w);
         }
         if let Some(b) = bias {
             let total = out.rows * out.cols;
