@@ -378,6 +378,44 @@ async fn remote_prefills_wait_for_kv_blocks_instead_of_being_refused() {
     );
 }
 
+/// A request waiting for KV blocks can be cancelled: it ends as cancelled, is never prefilled, and the requests
+/// ahead of it are served.
+#[tokio::test]
+async fn a_request_waiting_for_kv_blocks_can_be_cancelled() {
+    // `small`: 24 KiB of KV per token in f32, so 20 MiB hold two of these prompts; each takes about a second to
+    // prefill on two cores, long enough to cancel the third while it waits.
+    let prefill = start_worker_with(&["--model", "small", "--role", "prefill"]);
+    let decode = start_worker_with(&[
+        "--model",
+        "small",
+        "--role",
+        "decode",
+        "--prefill-worker",
+        &prefill.addr,
+        "--remote-prefill-tokens-min",
+        "16",
+        "--kv-cache-mib",
+        "20",
+    ]);
+    decode.wait_for_log("linked to prefill worker").await;
+    let prompts: Vec<Vec<u32>> = (0..3u32)
+        .map(|i| (0..380u32).map(|j| (j * 7 + i * 53) % 256).collect())
+        .collect();
+    let mut conn = connect(&decode.addr).await;
+    send_all(&mut conn, &prompts, 4).await;
+    decode.wait_for_log("waits for KV blocks").await;
+    conn.send(Message::Cancel { id: 2 }).await.unwrap();
+    let done = collect(&mut conn, prompts.len()).await;
+    assert_eq!((done[2].0, done[2].1.len(), done[2].2.as_str()), (2, 0, "cancelled"));
+    assert_eq!((done[0].1.len(), done[1].1.len()), (4, 4));
+    assert_eq!(
+        decode.log_count("prefilled remotely"),
+        2,
+        "{:?}",
+        decode.log.lock().unwrap()
+    );
+}
+
 /// Both roles in one process (`--colocated-prefill`): the prefill worker writes KV straight into the decode
 /// worker's pool (the in-process transport; at 2 ranks each rank into its own), and the tokens are the aggregated
 /// engine's.

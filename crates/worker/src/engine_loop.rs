@@ -394,6 +394,11 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
                 cleave_engine::Error::Overloaded(format!("{AWAITING_BLOCKS_MAX} requests already wait for KV blocks")),
             ),
             Admitted::NoBlocks => {
+                tracing::info!(
+                    request = id,
+                    ahead = self.awaiting_blocks.len(),
+                    "the KV pool is full: the request waits for KV blocks"
+                );
                 self.awaiting_blocks.push_back(AwaitingBlocks {
                     id,
                     prompt_ids,
