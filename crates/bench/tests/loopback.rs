@@ -226,9 +226,10 @@ fn every_token_is_counted_and_errors_are_recorded() {
         assert!(zeros >= n_double_chunks, "{r}");
         let (ttft, e2e) = (r["ttft_ms"].as_f64().unwrap(), r["e2e_ms"].as_f64().unwrap());
         assert!(ttft >= 5.0, "{ttft}");
+        // The gaps end at the last token, e2e at `data: [DONE]`, which a busy client may read later.
         assert!(
-            (ttft + itl.iter().sum::<f64>() - e2e).abs() < 1.0,
-            "gaps add up to e2e - ttft"
+            ttft + itl.iter().sum::<f64>() <= e2e + 0.01,
+            "the gaps fit in e2e - ttft: {r}"
         );
         if output_len >= 2 {
             let tpot = r["tpot_ms"].as_f64().unwrap();

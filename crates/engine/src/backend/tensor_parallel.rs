@@ -61,6 +61,9 @@ pub trait RankBackend: Backend + Sized {
     }
     /// Ends the capture; keeps the graph if the captured forward pass gave `logits`.
     fn end_graph_capture(&self, _capture: Self::GraphCapture, _logits: Result<Self::Tensor>) {}
+    /// Destroys every graph captured on this rank, once its work is done. [`Tp`] calls it before the group goes:
+    /// a graph holding a communicator's collectives must not outlive the communicator.
+    fn drop_graphs(&self) {}
 }
 
 /// A weight divided among ranks: shard `r` lives on rank `r`.
@@ -88,11 +91,24 @@ pub struct Tp<B: RankBackend> {
     /// Declared first so that it is dropped first: communicators go before the devices they run on.
     group: B::Group,
     ranks: Vec<B>,
-    /// Whether decode steps may replay captured graphs at more than one rank (`CLEAVE_TP_GRAPHS=1`). Off by default
-    /// until measured: NCCL warns that graphs holding its collectives, launched for several GPUs from one thread,
-    /// can deadlock (`cudaGraphLaunch` may block until the other GPUs' graphs run); replays are launched from one
-    /// thread per rank for that reason, but it has not run on GPUs yet.
+    /// Whether decode steps may replay captured graphs at more than one rank (`CLEAVE_TP_GRAPHS=1`). NCCL warns that
+    /// graphs holding its collectives, launched for several GPUs from one thread, can deadlock (`cudaGraphLaunch` may
+    /// block until the other GPUs' graphs run), so replays are launched from one thread per rank. Off by default: at
+    /// 2 H100s it took TP 2 decode from 5.92 to 5.00 ms a step (batch 1), but `selftest --tp 2` hung on its second
+    /// model — before graphs were destroyed ahead of the communicators (see `Drop`), not yet rerun since.
     graphs: bool,
+}
+
+impl<B: RankBackend> Drop for Tp<B> {
+    /// Captured graphs first, then (field order) the group, then the ranks. Destroying NCCL communicators while
+    /// graphs holding their collectives lived was followed, at 2 H100s, by the next tensor-parallel engine of the
+    /// process hanging with the GPUs idle (`CLEAVE_TP_GRAPHS=1 cleave selftest --tp 2`).
+    fn drop(&mut self) {
+        for rank in &self.ranks {
+            rank.make_current();
+            rank.drop_graphs();
+        }
+    }
 }
 
 impl<B: RankBackend> Tp<B> {

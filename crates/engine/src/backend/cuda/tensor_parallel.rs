@@ -8,7 +8,7 @@
 //! With `CLEAVE_TP_GRAPHS=1`, decode steps run as CUDA graphs as at one rank, one graph per rank: `Tp::run_step`
 //! replays on every rank or captures on every rank, the NCCL all-reduces captured with the kernels around them, and
 //! launches each rank's replay from a thread of its own (NCCL documents that graphs with collectives launched for
-//! several GPUs from one thread can deadlock). Off by default until it has run on GPUs.
+//! several GPUs from one thread can deadlock). Off by default until `selftest --tp 2` passes with it (see `Tp`).
 
 use cudarc::nccl::{result as nccl, sys as nccl_sys};
 
@@ -139,5 +139,14 @@ impl RankBackend for CudaBackend {
 
     fn end_graph_capture(&self, capture: super::GraphInputs, logits: Result<CudaTensor>) {
         CudaBackend::end_graph_capture(self, capture, logits)
+    }
+
+    fn drop_graphs(&self) {
+        // A lost device fails the synchronisation; the graphs go all the same.
+        let _ = self.synchronize();
+        if let Some(graphs) = &self.graphs {
+            graphs.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+        self.retired_graphs.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
