@@ -21,16 +21,16 @@ fi
 "$bin" selftest "${reference[@]}" --json-out "$out/selftest.json" 2>&1 | tee "$out/selftest.txt" || echo "selftest FAILED"
 "$bin" bench-engine --backend cuda --model llama3-8b \
     --prompt-tokens ${PROMPTS:-512,2048,8192,32768} --batch ${BATCHES:-1,8,64,256} --context ${CONTEXTS:-1024,4096} \
-    --decode-steps 32 --repeat ${REPEAT:-2} > "$out/bench.json" 2> >(tee "$out/bench.log" >&2)
+    --decode-steps 32 --repeat ${REPEAT:-3} > "$out/bench.json" 2> >(tee "$out/bench.log" >&2)
 # Where the GPU time goes, op by op (events between ops; graphs off): an 8k prefill, decode at batch 1, 64 and 256.
 CLEAVE_PROFILE_OPS=1 "$bin" bench-engine --backend cuda --model llama3-8b --prompt-tokens 8192 --batch 1,64,256 \
     --context 1024 --decode-steps 16 --repeat 1 > "$out/bench-op-profile.json" 2> >(tee "$out/bench-op-profile.log" >&2)
 # The same decode points op by op (no CUDA graphs), for the graphs' effect on the same card in the same run.
 CLEAVE_CUDA_GRAPHS=0 "$bin" bench-engine --backend cuda --model llama3-8b --prompt-tokens 512 --batch 1,64 \
-    --context 1024 --decode-steps 32 --repeat ${REPEAT:-2} > "$out/bench-no-graphs.json" 2> >(tee "$out/bench-no-graphs.log" >&2)
+    --context 1024 --decode-steps 32 --repeat ${REPEAT:-3} > "$out/bench-no-graphs.json" 2> >(tee "$out/bench-no-graphs.log" >&2)
 # Decode on our GEMV kernel for the few-row products (opt-in, CLEAVE_GEMV=1, until measured) against cuBLAS above:
 # the same points, then op by op at batch 1.
 CLEAVE_GEMV=1 "$bin" bench-engine --backend cuda --model llama3-8b --prompt-tokens 512 --batch 1,8,64 \
-    --context 1024,4096 --decode-steps 32 --repeat ${REPEAT:-2} > "$out/bench-gemv.json" 2> >(tee "$out/bench-gemv.log" >&2)
+    --context 1024,4096 --decode-steps 32 --repeat ${REPEAT:-3} > "$out/bench-gemv.json" 2> >(tee "$out/bench-gemv.log" >&2)
 CLEAVE_GEMV=1 CLEAVE_PROFILE_OPS=1 "$bin" bench-engine --backend cuda --model llama3-8b --prompt-tokens 512 --batch 1 \
     --context 1024 --decode-steps 16 --repeat 1 > "$out/bench-gemv-op-profile.json" 2> >(tee "$out/bench-gemv-op-profile.log" >&2)
