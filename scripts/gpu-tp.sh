@@ -50,13 +50,15 @@ fi
 
 # 3. Four GPUs: Llama-3-70B shape, prefill TP2 + decode TP2 against two TP2 aggregated workers, the workload of
 # NVIDIA's published disaggregation result (ISL 3000, OSL 150), over a sweep of rates for the curve of throughput per
-# GPU against tokens/s per user. SPECS picks the deployments (one per device call fits the time limit);
+# GPU against tokens/s per user. SPECS picks the deployments (two specs at four rates fit one 10-minute call);
 # deploy/llama3-70b-tp2-aggregated-chunked.yaml is the chunked-prefill baseline.
-if [[ $phases == *70b* ]] && [ "$n_gpus" -ge 4 ]; then
+# GPUS=8 with the deploy/llama3-70b-8gpu-*.yaml specs is the 8-GPU run (2×TP4 aggregated against the disaggregated
+# splits; one or two specs per call).
+if [[ $phases == *70b* ]] && [ "$n_gpus" -ge "${GPUS:-4}" ]; then
     specs=(${SPECS:-deploy/llama3-70b-tp2-aggregated.yaml deploy/llama3-70b-tp2-disaggregated.yaml})
     "$bin" bench --compare "${specs[@]}" \
         --rates "${RATES:-0.5,1,2,4}" --num-requests "${NUM_REQUESTS:-30}" --seed 1 \
-        --input-len fixed:3000 --output-len fixed:150 --vocab-size 128000 --gpus 4 \
+        --input-len fixed:3000 --output-len fixed:150 --vocab-size 128000 --gpus "${GPUS:-4}" \
         --output-json "$out/llama3-70b-tp2.json" --plot-dir "$out/plots" --serve-log-dir "$out/serve-logs" 2>&1 |
         tee "$out/llama3-70b-tp2.txt"
 fi
