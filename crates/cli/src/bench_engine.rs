@@ -69,6 +69,14 @@ fn op_table(profile: &[(String, f64)], per: usize) -> serde_json::Map<String, se
         .collect()
 }
 
+/// "71.0% of 3350 GB/s", or where no limit is known (CPU and mock backends) the flag that gives one.
+fn share_of_limit(value: f64, limit: f64, unit: &str, flag: &str) -> String {
+    match limit.is_finite() {
+        true => format!("{:>5.1}% of {limit} {unit}", 100.0 * value / limit),
+        false => format!("(no limit: give {flag})"),
+    }
+}
+
 /// The median; of an even count, the mean of the middle two (the upper one alone made `--repeat 2` report the
 /// slower run).
 fn median(mut v: Vec<f64>) -> f64 {
@@ -135,10 +143,10 @@ fn bench_with<B: Backend>(mut engine: Engine<B>, args: &BenchEngineArgs) -> Resu
             + 2.0 * 2.0 * (n as f64).powi(2) / 2.0 * (c.n_layers * c.q_dim()) as f64;
         let tflops = flops / t / 1e12;
         eprintln!(
-            "prefill {n:>6} tokens: {:>9.2} ms  {:>8.1} TFLOP/s  {:>5.1}% of {peak_tflops} TFLOP/s",
+            "prefill {n:>6} tokens: {:>9.2} ms  {:>8.1} TFLOP/s  {}",
             t * 1e3,
             tflops,
-            100.0 * tflops / peak_tflops
+            share_of_limit(tflops, peak_tflops, "TFLOP/s", "--peak-tflops")
         );
         rows.push(serde_json::json!({
             "kind": "prefill", "prompt_tokens": n, "seconds": times, "median_s": t,
@@ -192,11 +200,11 @@ fn bench_with<B: Backend>(mut engine: Engine<B>, args: &BenchEngineArgs) -> Resu
             let bytes = weight_bytes as f64 + (batch * (context + args.decode_steps / 2) * kv_bytes_per_token) as f64;
             let gbs = bytes / step_s / 1e9;
             eprintln!(
-                "decode batch {batch:>4} context {context:>6}: {:>8.3} ms/step  {:>9.1} tok/s  {:>7.1} GB/s  {:>5.1}% of {bandwidth_gbs} GB/s",
+                "decode batch {batch:>4} context {context:>6}: {:>8.3} ms/step  {:>9.1} tok/s  {:>7.1} GB/s  {}",
                 step_s * 1e3,
                 batch as f64 / step_s,
                 gbs,
-                100.0 * gbs / bandwidth_gbs
+                share_of_limit(gbs, bandwidth_gbs, "GB/s", "--bandwidth-gbs")
             );
             rows.push(serde_json::json!({
                 "kind": "decode", "batch": batch, "context": context, "step_s": times, "median_step_s": step_s,
