@@ -1200,51 +1200,61 @@ fn tp_selftest(args: &SelftestArgs, tp: usize) -> Result<()> {
             results.push(r);
             drop(one);
 
-            // Rank-to-rank peer copies between two engines of `tp` ranks in this process: the decode engine on the
-            // next `tp` GPUs where there are that many (each prefill rank then writes over the link to its peer),
-            // else on the same ones.
+            // Peer copies between two tensor-parallel engines in this process. At `tp` ranks on both sides, rank to
+            // rank, the decode engine on the next `tp` GPUs where there are that many (each prefill rank then writes
+            // over the link to its peer), else on the same ones; then at the other split (2 → 4, 4 → 2) where the
+            // GPUs allow, each prefill rank writing the heads it shares with each decode rank.
             let n_gpus = cleave_engine::backend::cuda::probe()?;
-            let decode_devices: Vec<usize> = match devices.iter().all(|&d| d + tp < n_gpus) {
-                true => devices.iter().map(|&d| d + tp).collect(),
+            let mut cases = vec![match devices.iter().all(|&d| d + tp < n_gpus) {
+                true => devices.iter().map(|&d| d + tp).collect::<Vec<usize>>(),
                 false => devices.clone(),
-            };
-            let mut decode = Engine::new(
-                tensor_parallel(&decode_devices, &c)?,
-                tp_model(&args.fixtures, name)?,
-                engine_config.clone(),
-            )?;
-            let export = decode
-                .export_kv_cache_in_process()
-                .context("a tensor-parallel CUDA engine did not export its KV pools in process")?;
-            let peer = split.open_peer_kv_cache(&export)?;
-            let params = RequestParams {
-                max_tokens: n_tokens,
-                ignore_eos: true,
-                ..Default::default()
-            };
-            let mut mismatches = Vec::new();
-            for (i, p) in prompts(c.vocab_size).into_iter().enumerate() {
-                let id = i as u64;
-                let remote = decode.add_remote_prefill_request(id, p, params.clone())?;
-                let dst = decode.parked_blocks(id).context("the parked request's blocks")?;
-                let first = split.prefill_remote_to_peer(&remote, &params, &peer, &dst, &mut || Ok(()))?;
-                if decode_to_end(&mut decode, id, first)? != runs_one[i].0 {
-                    mismatches.push(format!("prompt {i}"));
+            }];
+            let other_tp = if tp == 2 { 4 } else { 2 };
+            if (tp == 2 || tp == 4) && n_gpus >= other_tp {
+                cases.push((0..other_tp).collect());
+            }
+            for decode_devices in cases {
+                let decode_tp = decode_devices.len();
+                let mut decode = Engine::new(
+                    tensor_parallel(&decode_devices, &c)?,
+                    tp_model(&args.fixtures, name)?,
+                    engine_config.clone(),
+                )?;
+                let export = decode
+                    .export_kv_cache_in_process()
+                    .context("a tensor-parallel CUDA engine did not export its KV pools in process")?;
+                let peer = split.open_peer_kv_cache(&export)?;
+                let params = RequestParams {
+                    max_tokens: n_tokens,
+                    ignore_eos: true,
+                    ..Default::default()
+                };
+                let mut mismatches = Vec::new();
+                for (i, p) in prompts(c.vocab_size).into_iter().enumerate() {
+                    let id = i as u64;
+                    let remote = decode.add_remote_prefill_request(id, p, params.clone())?;
+                    let dst = decode.parked_blocks(id).context("the parked request's blocks")?;
+                    let first = split.prefill_remote_to_peer(&remote, &params, &peer, &dst, &mut || Ok(()))?;
+                    if decode_to_end(&mut decode, id, first)? != runs_one[i].0 {
+                        mismatches.push(format!("prompt {i}"));
+                    }
                 }
+                split.close_peer_kv_cache(peer);
+                let leaked = decode.block_pool().n_in_use() + split.block_pool().n_in_use();
+                let r = json!({
+                    "check": format!(
+                        "in-process KV tp {tp} -> tp {decode_tp}, GPUs {devices:?} -> {decode_devices:?}: wide (f32)"
+                    ),
+                    "pass": mismatches.is_empty() && leaked == 0,
+                    "tokens": format!("{}/{} same", runs_one.len() - mismatches.len(), runs_one.len()),
+                    "note": if leaked > 0 { format!("{leaked} blocks left in use") } else { mismatches.join("; ") },
+                });
+                println!("{r}");
+                if r["pass"] != true {
+                    failures.push("in-process KV between tensor-parallel engines".into());
+                }
+                results.push(r);
             }
-            split.close_peer_kv_cache(peer);
-            let leaked = decode.block_pool().n_in_use() + split.block_pool().n_in_use();
-            let r = json!({
-                "check": format!("in-process KV tp {tp} -> tp {tp}, GPUs {devices:?} -> {decode_devices:?}: wide (f32)"),
-                "pass": mismatches.is_empty() && leaked == 0,
-                "tokens": format!("{}/{} same", runs_one.len() - mismatches.len(), runs_one.len()),
-                "note": if leaked > 0 { format!("{leaked} blocks left in use") } else { mismatches.join("; ") },
-            });
-            println!("{r}");
-            if r["pass"] != true {
-                failures.push("in-process KV between tensor-parallel engines".into());
-            }
-            results.push(r);
         }
     }
     finish(&results, &failures, args.json_out.as_deref())

@@ -12,7 +12,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use super::{AttentionShape, Backend, KvCacheExport, KvLayout, KvShareKind, PeerKvCache, StepBatch};
+use super::{AttentionShape, Backend, KvCacheExport, KvHeadSlice, KvLayout, KvShareKind, PeerKvCache, StepBatch};
 use crate::error::{Error, Result};
 use crate::rope::Rope;
 use crate::weights::{HostData, HostTensor};
@@ -407,6 +407,56 @@ impl Backend for CpuBackend {
             // alive for the process's life once exported) and the range is inside it (checked above). The block
             // belongs to the request being prefilled, which the owner does not touch until told it is done.
             unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), to as *mut f32, elems) };
+        }
+        Ok(())
+    }
+
+    fn copy_kv_heads_to_peer(
+        &self,
+        cache: &CpuKvCache,
+        peer: &PeerKvCache,
+        layer_idx: usize,
+        blocks: &[(u32, u32)],
+        heads: KvHeadSlice,
+    ) -> Result<()> {
+        let layout = cache.layout;
+        let (hd, src_row) = (layout.head_dim, layout.kv_dim());
+        let dst_row = heads.dst_heads * hd;
+        let dst_block_bytes = (2 * layout.block_size * dst_row * 4) as u64;
+        let peer_blocks = peer.layer_bytes / peer.block_bytes.max(1);
+        if peer.kind != KvShareKind::InProcess
+            || peer.block_bytes != dst_block_bytes
+            || layer_idx >= peer.n_layers as usize
+            || heads.src_head0 + heads.n_heads > layout.n_kv_heads
+            || heads.dst_head0 + heads.n_heads > heads.dst_heads
+        {
+            return Err(Error::Backend {
+                backend: "cpu",
+                message: format!(
+                    "heads {heads:?} of {} do not fit the peer's KV cache ({} layers of {}-byte blocks)",
+                    layout.n_kv_heads, peer.n_layers, peer.block_bytes
+                ),
+            });
+        }
+        let base = peer.single_base()?;
+        let src_layer = cache.layer(layer_idx);
+        let n = heads.n_heads * hd;
+        for &(src, dst) in blocks {
+            if src as usize >= layout.n_blocks || dst as u64 >= peer_blocks {
+                return Err(Error::Backend {
+                    backend: "cpu",
+                    message: format!("KV block {src} → peer block {dst} is out of range"),
+                });
+            }
+            let block = &src_layer[src as usize * layout.block_elems()..][..layout.block_elems()];
+            let dst_block = base + layer_idx as u64 * peer.layer_bytes + dst as u64 * peer.block_bytes;
+            // K rows then V rows: 2 × block_size rows in both blocks.
+            for row in 0..2 * layout.block_size {
+                let from = &block[row * src_row + heads.src_head0 * hd..][..n];
+                let to = dst_block + ((row * dst_row + heads.dst_head0 * hd) * 4) as u64;
+                // SAFETY: as in `copy_kv_blocks_to_peer`; the row range is inside the peer's block (checked above).
+                unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), to as *mut f32, n) };
+            }
         }
         Ok(())
     }

@@ -66,6 +66,17 @@ impl KvCacheExport {
     }
 }
 
+/// The KV heads a peer copy moves when this cache and the peer's split the heads differently (tensor parallelism at
+/// different degrees): heads `src_head0 .. src_head0 + n_heads` of every K and V row of this cache's block go to heads
+/// `dst_head0 ..` of the peer block's rows, which hold `dst_heads` heads each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvHeadSlice {
+    pub src_head0: usize,
+    pub dst_head0: usize,
+    pub n_heads: usize,
+    pub dst_heads: usize,
+}
+
 /// A peer's KV cache mapped into this process (see [`Backend::open_peer_kv_cache`]).
 #[derive(Debug)]
 pub struct PeerKvCache {
@@ -362,6 +373,22 @@ pub trait Backend: Send + Sync {
         Err(crate::error::Error::Backend {
             backend: "this",
             message: "this backend cannot copy KV into another process's cache".into(),
+        })
+    }
+
+    /// [`Backend::copy_kv_blocks_to_peer`] for a peer whose blocks hold other heads: only the heads `heads` names,
+    /// row by row.
+    fn copy_kv_heads_to_peer(
+        &self,
+        _cache: &Self::KvCache,
+        _peer: &PeerKvCache,
+        _layer_idx: usize,
+        _blocks: &[(u32, u32)],
+        _heads: KvHeadSlice,
+    ) -> Result<()> {
+        Err(crate::error::Error::Backend {
+            backend: "this",
+            message: "this backend cannot copy KV heads into another cache".into(),
         })
     }
 

@@ -20,7 +20,9 @@
 //! Logits are computed on every rank (the output projection is replicated) and read from rank 0.
 
 use super::cpu::{CpuBackend, CpuTensor};
-use super::{AttentionShape, Backend, KvCacheExport, KvLayout, PeerKvCache, SampleRow, StepBatch, WeightSplit};
+use super::{
+    AttentionShape, Backend, KvCacheExport, KvHeadSlice, KvLayout, PeerKvCache, SampleRow, StepBatch, WeightSplit,
+};
 use crate::error::{Error, Result};
 use crate::rope::Rope;
 use crate::weights::{HostData, HostSliceMut, HostTensor, StackedWeight, WeightSource, matrix_dims};
@@ -500,9 +502,7 @@ impl<B: RankBackend> Backend for Tp<B> {
         self.ranks[0].sample_tokens(&mut logits[0], rows)
     }
 
-    /// Each rank's pool, exported by the rank: a peer split over as many ranks maps rank `r`'s share into its own
-    /// rank `r` (the same heads), so peer copies need no resharding. Between different splits KV moves over TCP
-    /// instead, whole blocks resharded on import.
+    /// Each rank's pool, exported by the rank (one handle per rank, each its heads of every block).
     fn export_kv_cache(&self, cache: &Self::KvCache) -> Option<KvCacheExport> {
         merge_exports(self.each(|r, rank| rank.export_kv_cache(&cache.ranks[r])))
     }
@@ -511,23 +511,24 @@ impl<B: RankBackend> Backend for Tp<B> {
         merge_exports(self.each(|r, rank| rank.export_kv_cache_in_process(&cache.ranks[r])))
     }
 
+    /// Maps into each rank the peer ranks whose KV heads overlap its own: with as many peer ranks, rank r's
+    /// twin alone (the same heads); with another split, one or several (a prefill rank at TP 2 holds the heads of
+    /// two decode ranks at TP 4). The mapping's `bases` are indexed by (rank, peer rank), 0 where not mapped.
     fn open_peer_kv_cache(&self, export: &KvCacheExport) -> Result<PeerKvCache> {
-        let n = self.ranks.len();
-        if export.handles.len() != n {
-            return Err(tp_error(format!(
-                "the peer's KV cache is split over {} ranks and this engine's over {n}: only equal splits map each \
-                 other's pools (KV moves over TCP instead)",
-                export.handles.len()
-            )));
-        }
-        let mut opened: Vec<PeerKvCache> = Vec::with_capacity(n);
-        for (r, rank) in self.ranks.iter().enumerate() {
+        let (n, d) = (self.ranks.len(), export.handles.len());
+        let mut bases = vec![0u64; n * d];
+        let mut opened: Vec<(usize, PeerKvCache)> = Vec::new();
+        for (r, s) in overlapping_ranks(n, d) {
+            let rank = &self.ranks[r];
             rank.make_current();
-            let share = export.rank(r).expect("one handle per rank, checked above");
+            let share = export.rank(s).expect("one handle per peer rank");
             match rank.open_peer_kv_cache(&share) {
-                Ok(peer) => opened.push(peer),
+                Ok(peer) => {
+                    bases[r * d + s] = peer.single_base()?;
+                    opened.push((r, peer));
+                }
                 Err(e) => {
-                    for (r, peer) in opened.into_iter().enumerate() {
+                    for (r, peer) in opened {
                         self.ranks[r].make_current();
                         self.ranks[r].close_peer_kv_cache(peer);
                     }
@@ -537,7 +538,7 @@ impl<B: RankBackend> Backend for Tp<B> {
         }
         Ok(PeerKvCache {
             kind: export.kind,
-            bases: opened.iter().flat_map(|peer| peer.bases.iter().copied()).collect(),
+            bases,
             layer_bytes: export.layer_bytes,
             block_bytes: export.block_bytes,
             n_layers: export.n_layers,
@@ -545,9 +546,15 @@ impl<B: RankBackend> Backend for Tp<B> {
     }
 
     fn close_peer_kv_cache(&self, peer: PeerKvCache) {
-        self.each(|r, rank| rank.close_peer_kv_cache(peer.rank(r)));
+        let d = peer.bases.len() / self.ranks.len();
+        for (r, s) in overlapping_ranks(self.ranks.len(), d) {
+            self.ranks[r].make_current();
+            self.ranks[r].close_peer_kv_cache(peer.rank(r * d + s));
+        }
     }
 
+    /// Each rank copies the heads it shares with each mapped peer rank: whole blocks between equal splits, the
+    /// overlapping heads row by row otherwise.
     fn copy_kv_blocks_to_peer(
         &self,
         cache: &Self::KvCache,
@@ -555,16 +562,34 @@ impl<B: RankBackend> Backend for Tp<B> {
         layer_idx: usize,
         blocks: &[(u32, u32)],
     ) -> Result<()> {
-        if peer.bases.len() != self.ranks.len() {
+        let n = self.ranks.len();
+        let d = peer.bases.len() / n;
+        let heads = cache.layout.n_kv_heads;
+        if d == 0 || peer.bases.len() != n * d || !heads.is_multiple_of(d) {
             return Err(tp_error(format!(
-                "a peer mapping of {} ranks used by an engine of {}",
-                peer.bases.len(),
-                self.ranks.len()
+                "a peer mapping of {} bases does not fit an engine of {n} ranks and {heads} KV heads",
+                peer.bases.len()
             )));
         }
-        self.each(|r, rank| rank.copy_kv_blocks_to_peer(&cache.ranks[r], &peer.rank(r), layer_idx, blocks))
-            .into_iter()
-            .collect()
+        let (mine, theirs) = (heads / n, heads / d);
+        for (r, s) in overlapping_ranks(n, d) {
+            let rank = &self.ranks[r];
+            rank.make_current();
+            let one = peer.rank(r * d + s);
+            if n == d {
+                rank.copy_kv_blocks_to_peer(&cache.ranks[r], &one, layer_idx, blocks)?;
+                continue;
+            }
+            let (lo, hi) = ((r * mine).max(s * theirs), ((r + 1) * mine).min((s + 1) * theirs));
+            let slice = KvHeadSlice {
+                src_head0: lo - r * mine,
+                dst_head0: lo - s * theirs,
+                n_heads: hi - lo,
+                dst_heads: theirs,
+            };
+            rank.copy_kv_heads_to_peer(&cache.ranks[r], &one, layer_idx, blocks, slice)?;
+        }
+        Ok(())
     }
 
     fn finish_peer_copies(&self) -> Result<()> {
@@ -585,6 +610,16 @@ impl<B: RankBackend> Backend for Tp<B> {
         let min = free.into_iter().collect::<Option<Vec<_>>>()?.into_iter().min()?;
         Some(min * self.ranks.len())
     }
+}
+
+/// The (rank, peer rank) pairs whose KV heads overlap when the heads are split evenly over `n` ranks here and `d`
+/// there: rank r holds the fraction [r/n, (r+1)/n) of them, peer rank s [s/d, (s+1)/d).
+fn overlapping_ranks(n: usize, d: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).flat_map(move |r| {
+        (0..d)
+            .filter(move |&s| r * d < (s + 1) * n && s * n < (r + 1) * d)
+            .map(move |s| (r, s))
+    })
 }
 
 /// One export of every rank's share, or `None` if a rank cannot share its pool.

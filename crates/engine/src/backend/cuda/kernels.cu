@@ -1345,6 +1345,20 @@ extern "C" __global__ void copy_kv_blocks(uint4* dst_layer, const uint4* src_lay
     for (u64 i = threadIdx.x; i < block_words; i += blockDim.x) dst_layer[dst + i] = src_layer[src + i];
 }
 
+// The same between pools that split the KV heads differently (tensor parallelism at other degrees): of each of the
+// 2 × block_size rows (K then V) of a source block, `copy_words` 16-byte words from word `src_off` go to word
+// `dst_off` of the same row of the destination block. Rows are src_row_words and dst_row_words long.
+extern "C" __global__ void copy_kv_heads(uint4* dst_layer, const uint4* src_layer, const u32* pairs, u32 rows,
+                                         u32 src_row_words, u32 dst_row_words, u32 src_off, u32 dst_off,
+                                         u32 copy_words) {
+    const u64 src = (u64)pairs[2 * blockIdx.x] * rows * src_row_words + src_off;
+    const u64 dst = (u64)pairs[2 * blockIdx.x + 1] * rows * dst_row_words + dst_off;
+    for (u32 i = threadIdx.x; i < rows * copy_words; i += blockDim.x) {
+        const u32 r = i / copy_words, w = i - r * copy_words;
+        dst_layer[dst + (u64)r * dst_row_words + w] = src_layer[src + (u64)r * src_row_words + w];
+    }
+}
+
 // out(m, n) = x(m, k) · w(n, k)ᵀ in bf16 for the few rows of a decode step (m <= 8), where cuBLAS reaches ~80% of
 // HBM bandwidth at best and less on the smaller matrices of a layer. The weight is read once, as a stream: each
 // warp takes GEMV_ROWS rows of w, each lane 16-byte words of them (8 elements) 32 words apart, GEMV_UNROLL words per

@@ -20,7 +20,9 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{AttentionShape, Backend, KvCacheExport, KvLayout, KvShareKind, PeerKvCache, SeqSlice, StepBatch};
+use super::{
+    AttentionShape, Backend, KvCacheExport, KvHeadSlice, KvLayout, KvShareKind, PeerKvCache, SeqSlice, StepBatch,
+};
 use crate::config::{DType, ModelConfig};
 use crate::error::{Error, Result};
 use crate::rope::Rope;
@@ -471,7 +473,7 @@ impl CudaBackend {
             .chain((1..=8).map(|g| format!("attention_gqa{g}_{}", elem.suffix())))
             .chain((1..=GEMV_M_MAX).map(|m| format!("gemv_m{m}_bf16")))
             .chain(SAMPLE_KERNELS.map(String::from))
-            .chain(["copy_u128", "copy_kv_blocks", "flash_prefill_bf16"].map(String::from))
+            .chain(["copy_u128", "copy_kv_blocks", "copy_kv_heads", "flash_prefill_bf16"].map(String::from))
             .chain(FA2_HEADS_PER_BLOCK.map(flash2_name))
             .chain(FA2_HEADS_PER_BLOCK.map(flash2q_name));
         for name in names {
@@ -2279,6 +2281,76 @@ impl Backend for CudaBackend {
             cfg,
             &[&dst_layer, &src_layer, &table.ptr],
             &[Scalar::U64(block_bytes / 16)],
+        );
+        self.peer_copy_tables
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(table);
+        Ok(())
+    }
+
+    fn copy_kv_heads_to_peer(
+        &self,
+        cache: &CudaKvCache,
+        peer: &PeerKvCache,
+        layer_idx: usize,
+        blocks: &[(u32, u32)],
+        heads: KvHeadSlice,
+    ) -> Result<()> {
+        let layout = cache.layout;
+        let elem = self.elem.size();
+        let head_bytes = layout.head_dim * elem;
+        let dst_block_bytes = (2 * layout.block_size * heads.dst_heads * head_bytes) as u64;
+        if peer.block_bytes != dst_block_bytes
+            || peer.n_layers as usize != layout.n_layers
+            || heads.src_head0 + heads.n_heads > layout.n_kv_heads
+            || heads.dst_head0 + heads.n_heads > heads.dst_heads
+            || !head_bytes.is_multiple_of(16)
+        {
+            return Err(err(format!(
+                "heads {heads:?} of {} ({head_bytes} bytes each) do not fit the peer's KV cache ({} layers of \
+                 {}-byte blocks)",
+                layout.n_kv_heads, peer.n_layers, peer.block_bytes
+            )));
+        }
+        let peer_blocks = peer.layer_bytes / dst_block_bytes;
+        if let Some(&(src, dst)) = blocks
+            .iter()
+            .find(|&&(src, dst)| src as usize >= layout.n_blocks || dst as u64 >= peer_blocks)
+        {
+            return Err(err(format!("KV block {src} → peer block {dst} is out of range")));
+        }
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let table: Vec<u32> = blocks.iter().flat_map(|&(src, dst)| [src, dst]).collect();
+        let table = self.upload(&table)?;
+        let src_layer = cache.layer_ptr(layer_idx);
+        let dst_layer = peer.single_base()? + layer_idx as u64 * peer.layer_bytes;
+        driver(
+            "ordering the KV copy after the layer",
+            self.copy_stream.join(&self.stream),
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks.len() as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let words = |n_heads: usize| (n_heads * head_bytes / 16) as u32;
+        self.launch_on(
+            &self.copy_stream,
+            "copy_kv_heads",
+            &self.functions["copy_kv_heads"],
+            cfg,
+            &[&dst_layer, &src_layer, &table.ptr],
+            &[
+                Scalar::U32(2 * layout.block_size as u32),
+                Scalar::U32(words(layout.n_kv_heads)),
+                Scalar::U32(words(heads.dst_heads)),
+                Scalar::U32(words(heads.src_head0)),
+                Scalar::U32(words(heads.dst_head0)),
+                Scalar::U32(words(heads.n_heads)),
+            ],
         );
         self.peer_copy_tables
             .lock()
