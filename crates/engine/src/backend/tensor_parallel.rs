@@ -96,15 +96,15 @@ pub struct Tp<B: RankBackend> {
     /// Whether decode steps may replay captured graphs at more than one rank (`CLEAVE_TP_GRAPHS=1`). NCCL warns that
     /// graphs holding its collectives, launched for several GPUs from one thread, can deadlock (`cudaGraphLaunch` may
     /// block until the other GPUs' graphs run), so replays are launched from one thread per rank. Off by default: at
-    /// 2 H100s it took TP 2 decode from 5.92 to 5.00 ms a step (batch 1), but `selftest --tp 2` hung on its second
-    /// model — before graphs were destroyed ahead of the communicators (see `Drop`), not yet rerun since.
+    /// 2 H100s it took TP 2 decode from 5.92 to 5.00 ms a step (batch 1), but `selftest --tp 2` hung when its first
+    /// engine was dropped — since fixed (see `Drop`), not yet rerun on GPUs.
     graphs: bool,
 }
 
 impl<B: RankBackend> Drop for Tp<B> {
-    /// Captured graphs first, then (field order) the group, then the ranks. Destroying NCCL communicators while
-    /// graphs holding their collectives lived was followed, at 2 H100s, by the next tensor-parallel engine of the
-    /// process hanging with the GPUs idle (`CLEAVE_TP_GRAPHS=1 cleave selftest --tp 2`).
+    /// Captured graphs first, then (field order) the group, then the ranks: `ncclCommDestroy` waits until every
+    /// graph that captured the communicator's collectives is destroyed, so dropping the group first blocked forever
+    /// (`CLEAVE_TP_GRAPHS=1 cleave selftest --tp 2` hung, GPUs idle, right after its first tensor-parallel engine).
     fn drop(&mut self) {
         for rank in &self.ranks {
             rank.make_current();
