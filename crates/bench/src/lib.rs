@@ -37,7 +37,7 @@ use serde_json::json;
 
 use crate::prompt::{BodyBuilder, BodyConfig, Endpoint, PromptFormat, VOCAB_SIZE_MIN};
 use crate::report::{Deployment, Report, Run, SweepGoodput};
-use crate::runner::{IN_FLIGHT_DEFAULT_MAX, Target};
+use crate::runner::{IN_FLIGHT_DEFAULT_MAX, RequestRecord, Target};
 use crate::spec::LengthSpec;
 use crate::stats::{Slo, Summary};
 use crate::workload::{Arrivals, RequestPlan, ShareGpt, Source, Stop, TokenCount, WorkloadConfig};
@@ -135,9 +135,13 @@ pub struct BenchArgs {
     /// The TTFT SLO applies only to prompts of at most this many tokens.
     #[arg(long, help_heading = "Report", requires = "slo_ttft_ms")]
     pub slo_ttft_max_input_tokens: Option<u32>,
-    /// SLO on each request's own p99 inter-token gap, ms.
+    /// SLO on each request's own p99 inter-token gap, ms (another quantile with --slo-itl-quantile).
     #[arg(long, help_heading = "Report")]
     pub slo_itl_ms: Option<f64>,
+    /// The quantile of each request's inter-token gaps that --slo-itl-ms bounds, in percent; 100 bounds the longest
+    /// gap (no stall allowed).
+    #[arg(long, value_name = "PERCENT", default_value_t = 99.0, help_heading = "Report")]
+    pub slo_itl_quantile: f64,
     /// SLO on time per output token, (e2e - ttft) / (output tokens - 1), ms.
     #[arg(long, help_heading = "Report")]
     pub slo_tpot_ms: Option<f64>,
@@ -150,6 +154,10 @@ pub struct BenchArgs {
     /// Write the configuration, every request's record and the summaries here.
     #[arg(long, value_name = "FILE", help_heading = "Report")]
     pub output_json: Option<PathBuf>,
+    /// Send nothing: summarise the runs of an earlier --output-json again under this command's SLO flags and
+    /// --attainment (tables, goodput; --output-json writes the rescored report).
+    #[arg(long, value_name = "FILE", help_heading = "Report")]
+    pub rescore: Option<PathBuf>,
     /// Write SVG plots here.
     #[arg(long, value_name = "DIR", help_heading = "Report")]
     pub plot_dir: Option<PathBuf>,
@@ -302,16 +310,7 @@ impl Plan {
         for spec in &args.compare {
             ensure!(spec.is_file(), "--compare: no such file {}", spec.display());
         }
-        ensure!(
-            (0.0..=100.0).contains(&args.attainment),
-            "--attainment is a percentage, 0 to 100"
-        );
-        let slo = Slo {
-            ttft_ms: args.slo_ttft_ms,
-            ttft_input_tokens_max: args.slo_ttft_max_input_tokens,
-            itl_p99_ms: args.slo_itl_ms,
-            tpot_ms: args.slo_tpot_ms,
-        };
+        let slo = slo_of(args)?;
         let api_key = args.api_key.clone().or_else(|| std::env::var("OPENAI_API_KEY").ok());
 
         let config_json = json!({
@@ -352,7 +351,142 @@ impl Plan {
     }
 }
 
+/// The objectives the SLO flags give, checked.
+fn slo_of(args: &BenchArgs) -> Result<Slo> {
+    ensure!(
+        (0.0..=100.0).contains(&args.attainment),
+        "--attainment is a percentage, 0 to 100"
+    );
+    ensure!(
+        (0.0..=100.0).contains(&args.slo_itl_quantile),
+        "--slo-itl-quantile is a percentage, 0 to 100"
+    );
+    Ok(Slo {
+        ttft_ms: args.slo_ttft_ms,
+        ttft_input_tokens_max: args.slo_ttft_max_input_tokens,
+        itl_p99_ms: args.slo_itl_ms,
+        itl_quantile: Some(args.slo_itl_quantile),
+        tpot_ms: args.slo_tpot_ms,
+    })
+}
+
+/// For each target of a rate sweep with SLOs: the highest rate whose attainment reached `attainment_min`.
+fn sweep_goodput(runs: &[Run], slo: &Slo, n_rates: usize, attainment_min: f64) -> Vec<SweepGoodput> {
+    if n_rates < 2 || !slo.is_set() {
+        return Vec::new();
+    }
+    let mut targets: Vec<&str> = runs.iter().map(|r| r.target.as_str()).collect();
+    targets.dedup();
+    targets
+        .into_iter()
+        .map(|target| {
+            let points: Vec<(f64, f64)> = runs
+                .iter()
+                .filter(|r| r.target == target)
+                .filter_map(|r| Some((r.rate?, r.summary.slo.as_ref()?.attainment)))
+                .collect();
+            SweepGoodput {
+                target: target.to_string(),
+                attainment_min,
+                goodput_rate: stats::goodput_rate(&points, attainment_min),
+            }
+        })
+        .collect()
+}
+
+/// The comparison table and each target's sweep goodput, on stdout.
+fn print_comparison(runs: &[Run], sweep: &[SweepGoodput], slo: &Slo) {
+    if runs.len() > 1 {
+        println!("{}", report::comparison_table(runs));
+    }
+    for goodput in sweep {
+        let rate = goodput
+            .goodput_rate
+            .map_or("none of the rates".to_string(), |r| format!("{r} req/s"));
+        println!(
+            "goodput of {}: {rate} (highest rate with SLO attainment >= {}%; {})",
+            goodput.target,
+            goodput.attainment_min * 100.0,
+            report::slo_text(slo)
+        );
+    }
+}
+
+/// `--rescore FILE`: the runs of an earlier report summarised again under this command's SLOs; nothing is sent.
+fn rescore(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
+    let slo = slo_of(args)?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let saved: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    ensure!(
+        saved["schema"] == report::SCHEMA,
+        "{} is not a cleave bench report (schema {}, expected {})",
+        path.display(),
+        saved["schema"],
+        report::SCHEMA
+    );
+    let runs = saved["runs"]
+        .as_array()
+        .with_context(|| format!("{} has no runs", path.display()))?
+        .iter()
+        .enumerate()
+        .map(|(i, run)| -> Result<Run> {
+            let field = |name: &str| format!("{}: run {i} has no valid {name}", path.display());
+            let requests: Vec<RequestRecord> =
+                serde_json::from_value(run["requests"].clone()).with_context(|| field("requests"))?;
+            let duration_s = run["summary"]["duration_s"]
+                .as_f64()
+                .with_context(|| field("duration"))?;
+            let gpus = run["summary"]["gpus"].as_u64().with_context(|| field("GPU count"))? as u32;
+            let rate = match &run["rate"] {
+                serde_json::Value::String(s) if s == "inf" => Some(f64::INFINITY),
+                rate => rate.as_f64(),
+            };
+            Ok(Run {
+                target: run["target"].as_str().with_context(|| field("target"))?.to_string(),
+                model: run["model"].as_str().unwrap_or_default().to_string(),
+                rate,
+                summary: Summary::new(&requests, duration_s, gpus, slo),
+                requests,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let n_rates = {
+        let mut rates: Vec<String> = runs.iter().map(|r| format!("{:?}", r.rate)).collect();
+        rates.sort();
+        rates.dedup();
+        rates.len()
+    };
+    let sweep = sweep_goodput(&runs, &slo, n_rates, args.attainment / 100.0);
+    for run in &runs {
+        println!("{}", report::run_table(run));
+    }
+    print_comparison(&runs, &sweep, &slo);
+    if let Some(out) = &args.output_json {
+        let mut config = saved["config"].clone();
+        config["slo"] = json!(slo);
+        config["attainment_min"] = json!(args.attainment / 100.0);
+        let rescored = json!({
+            "schema": report::SCHEMA,
+            "cleave_version": env!("CARGO_PKG_VERSION"),
+            "rescored_from": path,
+            "started_unix_s": saved["started_unix_s"],
+            "command_line": std::env::args().collect::<Vec<_>>(),
+            "config": config,
+            "runs": runs,
+            "sweep_goodput": sweep,
+            "deployments": saved["deployments"],
+        });
+        std::fs::write(out, serde_json::to_vec(&rescored)?).with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(path) = &args.rescore {
+        return rescore(&args, path);
+    }
     let plan = Plan::new(&args)?;
     runner::ensure_fd_limit(plan.in_flight_max)?;
     let started_unix_s = SystemTime::now()
@@ -364,38 +498,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .context("starting tokio")?;
     let (runs, deployments) = runtime.block_on(execute(&args, &plan))?;
 
-    let mut sweep_goodput = Vec::new();
-    if plan.rates.len() > 1 && plan.slo.is_set() {
-        let mut targets: Vec<&str> = runs.iter().map(|r| r.target.as_str()).collect();
-        targets.dedup();
-        for target in targets {
-            let points: Vec<(f64, f64)> = runs
-                .iter()
-                .filter(|r| r.target == target)
-                .filter_map(|r| Some((r.rate?, r.summary.slo.as_ref()?.attainment)))
-                .collect();
-            let goodput_rate = stats::goodput_rate(&points, plan.attainment_min);
-            sweep_goodput.push(SweepGoodput {
-                target: target.to_string(),
-                attainment_min: plan.attainment_min,
-                goodput_rate,
-            });
-        }
-    }
-    if runs.len() > 1 {
-        println!("{}", report::comparison_table(&runs));
-    }
-    for goodput in &sweep_goodput {
-        let rate = goodput
-            .goodput_rate
-            .map_or("none of the rates".to_string(), |r| format!("{r} req/s"));
-        println!(
-            "goodput of {}: {rate} (highest rate with SLO attainment >= {}%; {})",
-            goodput.target,
-            goodput.attainment_min * 100.0,
-            report::slo_text(&plan.slo)
-        );
-    }
+    let sweep_goodput = sweep_goodput(&runs, &plan.slo, plan.rates.len(), plan.attainment_min);
+    print_comparison(&runs, &sweep_goodput, &plan.slo);
     if let Some(dir) = &args.plot_dir {
         let files = plot::write_all(dir, &runs, args.long_prompt_tokens, plan.rates.len() > 1)?;
         eprintln!("wrote {} plots to {}", files.len(), dir.display());

@@ -181,7 +181,11 @@ pub fn slo_text(slo: &crate::stats::Slo) -> String {
         _ => {}
     }
     if let Some(ms) = slo.itl_p99_ms {
-        parts.push(format!("request p99 ITL <= {ms} ms"));
+        let q = slo.itl_quantile();
+        parts.push(match q >= 100.0 {
+            true => format!("every gap <= {ms} ms"),
+            false => format!("request p{q} ITL <= {ms} ms"),
+        });
     }
     if let Some(ms) = slo.tpot_ms {
         parts.push(format!("TPOT <= {ms} ms"));

@@ -70,14 +70,23 @@ pub struct Slo {
     /// TTFT of a chat turn); longer prompts are judged on the other objectives.
     #[serde(default)]
     pub ttft_input_tokens_max: Option<u32>,
-    /// Bound on each request's own p99 inter-token gap.
+    /// Bound on each request's own inter-token gap at quantile `itl_quantile` (its p99 unless set).
     pub itl_p99_ms: Option<f64>,
+    /// The quantile of each request's gaps that `itl_p99_ms` bounds, in percent: 99 when absent; 100 bounds its
+    /// longest gap (no stall at all).
+    #[serde(default)]
+    pub itl_quantile: Option<f64>,
     pub tpot_ms: Option<f64>,
 }
 
 impl Slo {
     pub fn is_set(&self) -> bool {
         self.ttft_ms.is_some() || self.itl_p99_ms.is_some() || self.tpot_ms.is_some()
+    }
+
+    /// The quantile of a request's gaps the ITL objective bounds, in percent.
+    pub fn itl_quantile(&self) -> f64 {
+        self.itl_quantile.unwrap_or(99.0)
     }
 
     /// Whether `record` succeeded and met every objective given.
@@ -91,7 +100,7 @@ impl Slo {
             && record
                 .ttft_ms
                 .is_some_and(|ttft| !ttft_applies || self.ttft_ms.is_none_or(|bound| ttft <= bound))
-            && within(request_itl_p99_ms(record), self.itl_p99_ms)
+            && within(request_itl_quantile_ms(record, self.itl_quantile()), self.itl_p99_ms)
             && within(record.tpot_ms, self.tpot_ms)
     }
 }
@@ -102,14 +111,14 @@ fn mean(xs: impl Iterator<Item = f64>) -> f64 {
     if n == 0 { 0.0 } else { sum / n as f64 }
 }
 
-/// The p99 of one request's inter-token gaps; `None` without gaps.
-pub fn request_itl_p99_ms(record: &RequestRecord) -> Option<f64> {
+/// The `q`-th percentile of one request's inter-token gaps; `None` without gaps.
+pub fn request_itl_quantile_ms(record: &RequestRecord, q: f64) -> Option<f64> {
     if record.itl_ms.is_empty() {
         return None;
     }
     let mut gaps = record.itl_ms.clone();
     gaps.sort_by(f64::total_cmp);
-    Some(percentile(&gaps, 99.0))
+    Some(percentile(&gaps, q))
 }
 
 /// Everything the report says about one run.
@@ -323,6 +332,7 @@ mod tests {
             ttft_ms: Some(100.0),
             ttft_input_tokens_max: None,
             itl_p99_ms: Some(50.0),
+            itl_quantile: None,
             tpot_ms: Some(20.0),
         };
         let fast = record(0, 90.0, vec![10.0; 10], None);
@@ -346,6 +356,17 @@ mod tests {
         assert!(long_prompts_exempt.meets(&slow_long) && !slo.meets(&slow_long));
         slow_long.input_len = 1000;
         assert!(!long_prompts_exempt.meets(&slow_long));
+        // One 60 ms stall among 255 gaps stays under the p99 but not under the longest-gap bound.
+        let mut one_stall = vec![10.0; 255];
+        one_stall[100] = 60.0;
+        let one_stall = record(0, 90.0, one_stall, None);
+        let no_stall = Slo {
+            itl_quantile: Some(100.0),
+            tpot_ms: None,
+            ..slo
+        };
+        assert!(slo.meets(&one_stall) && !no_stall.meets(&one_stall));
+        assert!(no_stall.meets(&fast));
     }
 
     #[test]
@@ -364,6 +385,7 @@ mod tests {
             ttft_ms: Some(300.0),
             ttft_input_tokens_max: None,
             itl_p99_ms: Some(70.0),
+            itl_quantile: None,
             tpot_ms: Some(45.0),
         };
         let summary = Summary::new(&records, 50.0, 2, slo);

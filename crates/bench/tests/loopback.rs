@@ -336,6 +336,94 @@ fn sweep_reports_goodput_and_counts_one_token_per_chunk_without_usage() {
     assert_eq!(body["messages"][0]["content"].as_str().unwrap().split(' ').count(), 8);
 }
 
+/// `--rescore` judges the saved requests again under other SLOs without sending anything: each request counts as
+/// met exactly when its own gaps at the chosen quantile are within the bound (its median here, its longest gap
+/// with `--slo-itl-quantile 100`), as a naive count over the saved records says.
+#[test]
+fn rescore_judges_saved_requests_under_other_slos() {
+    let mock = Mock::start(FAST);
+    let dir = temp_dir("rescore");
+    let saved = dir.join("out.json");
+    #[rustfmt::skip]
+    bench(&["--url", &mock.url, "--rates", "100,200", "--num-requests", "30", "--input-len", "8",
+        "--output-len", "uniform:4:12", "--seed", "5", "--output-json", saved.to_str().unwrap()]).unwrap();
+    let sent = mock.bodies.lock().unwrap().len();
+    let runs = read_json(&saved)["runs"].clone();
+    // A bound between the requests' median gaps and their longest ones.
+    let gaps = |r: &Value| -> Vec<f64> {
+        let mut g: Vec<f64> = r["itl_ms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        g.sort_by(f64::total_cmp);
+        g
+    };
+    let mut longest: Vec<f64> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|run| {
+            run["requests"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| *gaps(r).last().unwrap())
+        })
+        .collect();
+    longest.sort_by(f64::total_cmp);
+    let bound = longest[longest.len() / 2];
+    let mut n_met_by_quantile = Vec::new();
+    for quantile in ["50", "100"] {
+        let out = dir.join(format!("rescored-{quantile}.json"));
+        #[rustfmt::skip]
+        bench(&["--rescore", saved.to_str().unwrap(), "--slo-itl-ms", &bound.to_string(),
+            "--slo-itl-quantile", quantile, "--output-json", out.to_str().unwrap()]).unwrap();
+        let rescored = read_json(&out);
+        assert_eq!(
+            rescored["config"]["slo"]["itl_quantile"],
+            quantile.parse::<f64>().unwrap()
+        );
+        let mut n_met = 0;
+        for (run, saved_run) in rescored["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(runs.as_array().unwrap())
+        {
+            let naive = saved_run["requests"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| {
+                    let g = gaps(r);
+                    let at = match quantile {
+                        "100" => g[g.len() - 1],
+                        _ => naive_percentile(&g, 50.0),
+                    };
+                    at <= bound
+                })
+                .count();
+            assert_eq!(run["summary"]["slo"]["n_met"], naive, "quantile {quantile}");
+            n_met += naive;
+        }
+        n_met_by_quantile.push(n_met);
+    }
+    assert!(
+        n_met_by_quantile[0] > n_met_by_quantile[1],
+        "the bound separates the two readings: {n_met_by_quantile:?}"
+    );
+    assert_eq!(mock.bodies.lock().unwrap().len(), sent, "rescoring sends nothing");
+}
+
+/// Linear interpolation between the two nearest ranks of sorted `xs`.
+fn naive_percentile(xs: &[f64], p: f64) -> f64 {
+    let k = (xs.len() - 1) as f64 * p / 100.0;
+    let (lo, hi) = (k.floor() as usize, k.ceil() as usize);
+    xs[lo] + (xs[hi] - xs[lo]) * (k - lo as f64)
+}
+
 #[test]
 fn a_server_that_is_not_there_fails_fast_with_the_cause() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
