@@ -430,6 +430,7 @@ impl<'a, B: Backend> EngineLoop<'a, B> {
         };
         let added = match link {
             Some((addr, link)) => match self.start_remote_prefill(id, prompt_ids.to_vec(), params, addr, &link) {
+                // Parking is the only step there that reports overload: the pool cannot hold the prompt yet.
                 Err(cleave_engine::Error::Overloaded(_)) => return Admitted::NoBlocks,
                 other => other,
             },
@@ -819,7 +820,6 @@ fn request_params(p: &WireParams) -> RequestParams {
     }
 }
 
-/// Sends one output; false when the client's outbox is full or closed.
 /// Tells the client its request was not taken, with the error's kind.
 fn refuse(client: &Client, e: &cleave_engine::Error) {
     let kind = match e {
@@ -834,6 +834,7 @@ fn refuse(client: &Client, e: &cleave_engine::Error) {
     });
 }
 
+/// Sends one output; false when the client's outbox is full or closed.
 fn deliver(client: &Client, out: RequestOutput) -> bool {
     let finish = out.finish.map(|f| match f {
         FinishReason::Length => "length",

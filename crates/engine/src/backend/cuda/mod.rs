@@ -812,7 +812,7 @@ impl CudaBackend {
         let (alpha, beta) = (1f32, 0f32);
         let t = self.elem.cuda_type();
         self.mark_op(|| format!("gemm {n}x{k}"));
-        // SAFETY: pointers and leading dimensions describe the buffers' shapes, asserted above.
+        // SAFETY: pointers and leading dimensions describe the buffers' shapes (x.cols == w.cols: callers check).
         let r = unsafe {
             cudarc::cublas::result::gemm_ex(
                 *self.blas.handle(),
