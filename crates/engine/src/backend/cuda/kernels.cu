@@ -172,7 +172,8 @@ template <typename T> __device__ void add_rms_norm(T* x, const T* y, const T* w,
 
 // Splits each row of qkv = [q heads | k heads | v heads]; applies the per-head q/k RMSNorm when q_norm is not null
 // (Qwen3); rotates q and k (rotate-half RoPE at the token's position); writes q to q_out and k, v into the token's
-// slot of one layer's cache. One warp per head.  grid: n_tokens, block: 128
+// slot of one layer's cache. One warp per head, the heads spread over gridDim.y blocks (a decode step of one token
+// would otherwise run every head of a layer on one SM).  grid: (n_tokens, head groups), block: 128
 template <typename T>
 __device__ void qkv_rope_kv(T* q_out, const T* qkv, T* layer, const u32* positions, const u32* slots,
                             const float* inv_freq, const T* q_norm, const T* k_norm, float eps, u32 n_heads,
@@ -184,7 +185,7 @@ __device__ void qkv_rope_kv(T* q_out, const T* qkv, T* layer, const u32* positio
     T* k_dst = layer + (u64)(slot / block_size) * 2 * block_size * kv_dim + (u64)(slot % block_size) * kv_dim;
     T* v_dst = k_dst + (u64)block_size * kv_dim;
     float pos = (float)positions[t];
-    for (u32 hi = warp; hi < n_heads + 2 * n_kv_heads; hi += n_warps) {
+    for (u32 hi = blockIdx.y * n_warps + warp; hi < n_heads + 2 * n_kv_heads; hi += gridDim.y * n_warps) {
         const T* src = row + hi * head_dim;
         if (hi >= n_heads + n_kv_heads) {  // v: copied as is
             T* dst = v_dst + (hi - n_heads - n_kv_heads) * head_dim;

@@ -1983,10 +1983,20 @@ impl Backend for CudaBackend {
         let freq = &table.as_ref().expect("set above").1;
         let layer = cache.layer_ptr(layer_idx);
         let (q_norm, k_norm, eps) = qk_norm.map_or((0, 0, 0.0), |(qn, kn, eps)| (qn.buf.ptr, kn.buf.ptr, eps));
+        // One warp per head: 4 heads per block of 128 threads.
+        let cfg = LaunchConfig {
+            grid_dim: (
+                batch.n_tokens as u32,
+                (shape.n_heads + 2 * shape.n_kv_heads).div_ceil(4) as u32,
+                1,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
         self.launch(
             "qkv_rope_kv",
             self.f("qkv_rope_kv"),
-            Self::rows_cfg(batch.n_tokens, 128),
+            cfg,
             &[
                 &q.buf.ptr,
                 &qkv.buf.ptr,
