@@ -69,7 +69,8 @@ pub struct PoolSpec {
     pub count: usize,
     /// Tensor-parallel ranks per worker (GPUs on cuda, simulated ranks on the CPU).
     pub tp: usize,
-    /// GPU ordinals, `tp` per worker, given out in order (wrapping around); empty: GPUs 0 to tp - 1.
+    /// GPU ordinals, `tp` per worker, given out in order (wrapping around). Empty in every pool: each worker gets
+    /// GPUs of its own (`DeploymentSpec::place_on_gpus`).
     pub devices: Vec<usize>,
     /// CPU cores, one per worker, given out in order (wrapping around): the worker is pinned there with one compute
     /// thread (CPU backend: so pools on one machine do not compete for cores). Empty: not pinned.
@@ -223,6 +224,9 @@ impl ServeArgs {
             spec.kv_cache_mib = self.kv_cache_mib;
         }
         spec.validate()?;
+        if let Some(warning) = spec.place_on_gpus(visible_gpus())? {
+            eprintln!("cleave: {warning}");
+        }
         Ok(spec)
     }
 }
@@ -258,6 +262,54 @@ impl DeploymentSpec {
         Ok(())
     }
 
+    /// Gives each worker GPUs of its own when no pool lists `devices` (on a GPU-capable backend): pools in start
+    /// order — prefill, decode, aggregated — `tp` GPUs per worker; left empty, every worker would take GPUs 0 to
+    /// tp - 1. On a machine with fewer GPUs than that the assignment wraps around and workers share GPUs (the warning
+    /// says so). Where pools list `devices`, they are kept, and a GPU given to two workers is refused unless
+    /// `kv_cache_mib` is set: each worker would size its KV pool from the memory the other left.
+    fn place_on_gpus(&mut self, n_gpus: Option<usize>) -> Result<Option<String>> {
+        if matches!(self.backend().as_str(), "cpu" | "mock") {
+            return Ok(None);
+        }
+        let pools = [
+            (Role::Prefill, &self.prefill),
+            (Role::Decode, &self.decode),
+            (Role::Aggregated, &self.aggregated),
+        ];
+        if pools.iter().any(|(_, pool)| pool.count > 0 && !pool.devices.is_empty()) {
+            if self.kv_cache_mib.is_none() {
+                let mut owner: HashMap<usize, String> = HashMap::new();
+                for (role, pool) in pools {
+                    for index in 0..pool.count {
+                        let worker = format!("{} worker {index}", role.as_str());
+                        for device in worker_devices(pool, index).split(',').filter_map(|d| d.parse().ok()) {
+                            if let Some(first) = owner.insert(device, worker.clone()) {
+                                bail!(
+                                    "GPU {device} would serve both {first} and {worker}: give each worker GPUs of its \
+                                     own (`devices` in each pool), or set kv_cache_mib to share GPUs on purpose"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            return Ok(None);
+        }
+        let needed: usize = pools.iter().map(|(_, pool)| pool.count * pool.tp).sum();
+        let n = n_gpus.unwrap_or(needed).max(1);
+        let mut next = 0;
+        for pool in [&mut self.prefill, &mut self.decode, &mut self.aggregated] {
+            pool.devices = (next..next + pool.count * pool.tp).map(|i| i % n).collect();
+            next += pool.count * pool.tp;
+        }
+        Ok((needed > n).then(|| {
+            format!(
+                "the deployment's workers need {needed} GPUs and this machine shows {n}: workers share GPUs, each \
+                 sizing its KV pool from the memory the others left"
+            )
+        }))
+    }
+
     fn backend(&self) -> String {
         self.backend
             .clone()
@@ -287,6 +339,14 @@ struct WorkerProcess {
     addr: String,
     child: Child,
     stdin: Option<ChildStdin>,
+}
+
+/// GPUs this machine shows, where the CUDA libraries load (`None`: not known).
+fn visible_gpus() -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    return cleave_engine::backend::cuda::probe().ok();
+    #[cfg(not(feature = "cuda"))]
+    None
 }
 
 /// The GPUs of worker `index` of `pool`, as `--devices` takes them: the next `tp` ordinals of `devices` (wrapping
@@ -771,5 +831,73 @@ mod tests {
         assert_eq!(worker_devices(&pool(2, &[0, 1, 2, 3]), 1), "2,3");
         assert_eq!(worker_devices(&pool(2, &[4, 5, 6, 7]), 2), "4,5");
         assert_eq!(worker_devices(&pool(1, &[2, 3]), 1), "3");
+    }
+
+    fn gpu_spec(prefill: (usize, usize), decode: (usize, usize)) -> DeploymentSpec {
+        let mut spec = DeploymentSpec {
+            model: "llama3-8b".into(),
+            backend: Some("cuda".into()),
+            ..DeploymentSpec::default()
+        };
+        (spec.prefill.count, spec.prefill.tp) = prefill;
+        (spec.decode.count, spec.decode.tp) = decode;
+        spec
+    }
+
+    #[test]
+    fn workers_without_devices_get_gpus_of_their_own() {
+        let mut spec = gpu_spec((1, 1), (1, 1));
+        assert_eq!(spec.place_on_gpus(Some(4)).unwrap(), None);
+        assert_eq!((spec.prefill.devices, spec.decode.devices), (vec![0], vec![1]));
+
+        let mut spec = gpu_spec((2, 2), (1, 4));
+        assert_eq!(spec.place_on_gpus(Some(8)).unwrap(), None);
+        assert_eq!(worker_devices(&spec.prefill, 1), "2,3");
+        assert_eq!(worker_devices(&spec.decode, 0), "4,5,6,7");
+
+        // One GPU for two workers: they share it, with a warning.
+        let mut spec = gpu_spec((1, 1), (1, 1));
+        let warning = spec.place_on_gpus(Some(1)).unwrap().expect("a warning");
+        assert!(
+            warning.contains("need 2 GPUs") && warning.contains("shows 1"),
+            "{warning}"
+        );
+        assert_eq!((spec.prefill.devices, spec.decode.devices), (vec![0], vec![0]));
+
+        // The CPU backend has no GPUs to place.
+        let mut spec = DeploymentSpec::default();
+        assert_eq!(spec.place_on_gpus(Some(4)).unwrap(), None);
+        assert!(spec.prefill.devices.is_empty() && spec.decode.devices.is_empty());
+    }
+
+    #[test]
+    fn listed_devices_are_kept_and_a_gpu_given_twice_is_refused() {
+        let mut spec = gpu_spec((1, 1), (1, 1));
+        (spec.prefill.devices, spec.decode.devices) = (vec![2], vec![3]);
+        assert_eq!(spec.place_on_gpus(Some(4)).unwrap(), None);
+        assert_eq!(
+            (spec.prefill.devices.clone(), spec.decode.devices.clone()),
+            (vec![2], vec![3])
+        );
+
+        // Two aggregated workers on one listed GPU (the list wraps around).
+        let mut spec = gpu_spec((0, 1), (0, 1));
+        (spec.aggregated.count, spec.aggregated.devices) = (2, vec![0]);
+        let e = spec.place_on_gpus(Some(4)).unwrap_err().to_string();
+        assert!(
+            e.contains("GPU 0 would serve both aggregated worker 0 and aggregated worker 1"),
+            "{e}"
+        );
+        // A decode pool without devices takes GPU 0, which the prefill pool lists.
+        let mut spec = gpu_spec((1, 1), (1, 1));
+        spec.prefill.devices = vec![0];
+        let e = spec.place_on_gpus(Some(4)).unwrap_err().to_string();
+        assert!(
+            e.contains("GPU 0 would serve both prefill worker 0 and decode worker 0"),
+            "{e}"
+        );
+        // Sharing on purpose: the KV pool is sized explicitly.
+        spec.kv_cache_mib = Some(4096);
+        assert_eq!(spec.place_on_gpus(Some(4)).unwrap(), None);
     }
 }
