@@ -451,12 +451,11 @@ fn rescore(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let n_rates = {
-        let mut rates: Vec<String> = runs.iter().map(|r| format!("{:?}", r.rate)).collect();
-        rates.sort();
-        rates.dedup();
-        rates.len()
-    };
+    let n_rates = runs
+        .iter()
+        .map(|r| r.rate.map(f64::to_bits))
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     let sweep = sweep_goodput(&runs, &slo, n_rates, args.attainment / 100.0);
     for run in &runs {
         println!("{}", report::run_table(run));
@@ -498,8 +497,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .context("starting tokio")?;
     let (runs, deployments) = runtime.block_on(execute(&args, &plan))?;
 
-    let sweep_goodput = sweep_goodput(&runs, &plan.slo, plan.rates.len(), plan.attainment_min);
-    print_comparison(&runs, &sweep_goodput, &plan.slo);
+    let sweep = sweep_goodput(&runs, &plan.slo, plan.rates.len(), plan.attainment_min);
+    print_comparison(&runs, &sweep, &plan.slo);
     if let Some(dir) = &args.plot_dir {
         let files = plot::write_all(dir, &runs, args.long_prompt_tokens, plan.rates.len() > 1)?;
         eprintln!("wrote {} plots to {}", files.len(), dir.display());
@@ -512,7 +511,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             command_line: std::env::args().collect(),
             config: plan.config_json.clone(),
             runs,
-            sweep_goodput,
+            sweep_goodput: sweep,
             deployments,
         };
         let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;

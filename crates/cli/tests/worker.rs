@@ -269,19 +269,20 @@ async fn linked_pair(model: &str) -> (Worker, Worker) {
 /// [`linked_pair`] with `prefill_tp` and `decode_tp` tensor-parallel ranks.
 async fn linked_pair_tp(model: &str, prefill_tp: usize, decode_tp: usize) -> (Worker, Worker) {
     let (prefill_tp, decode_tp) = (prefill_tp.to_string(), decode_tp.to_string());
-    let prefill = start_worker_with(&["--model", model, "--role", "prefill", "--tp", &prefill_tp]);
-    let decode = start_worker_with(&[
-        "--model",
-        model,
-        "--role",
-        "decode",
-        "--tp",
-        &decode_tp,
-        "--prefill-worker",
-        &prefill.addr,
-        "--remote-prefill-tokens-min",
-        "16",
-    ]);
+    linked_pair_with(model, &["--tp", &prefill_tp], &["--tp", &decode_tp]).await
+}
+
+/// [`linked_pair`] with more arguments for each worker.
+async fn linked_pair_with(model: &str, prefill_args: &[&str], decode_args: &[&str]) -> (Worker, Worker) {
+    let prefill = start_worker_with(&[&["--model", model, "--role", "prefill"], prefill_args].concat());
+    let decode = start_worker_with(
+        &[
+            &["--model", model, "--role", "decode"],
+            &["--prefill-worker", &prefill.addr, "--remote-prefill-tokens-min", "16"],
+            decode_args,
+        ]
+        .concat(),
+    );
     decode.wait_for_log("linked to prefill worker").await;
     (prefill, decode)
 }
@@ -346,21 +347,8 @@ async fn disaggregated_workers_give_the_aggregated_tokens() {
 /// being refused, and every request gets the aggregated tokens.
 #[tokio::test]
 async fn remote_prefills_wait_for_kv_blocks_instead_of_being_refused() {
-    let prefill = start_worker_with(&["--model", "tiny", "--role", "prefill"]);
     // 1 MiB holds 128 blocks of 16 tokens of the tiny model (f32): four of these 410-token requests.
-    let decode = start_worker_with(&[
-        "--model",
-        "tiny",
-        "--role",
-        "decode",
-        "--prefill-worker",
-        &prefill.addr,
-        "--remote-prefill-tokens-min",
-        "16",
-        "--kv-cache-mib",
-        "1",
-    ]);
-    decode.wait_for_log("linked to prefill worker").await;
+    let (_prefill, decode) = linked_pair_with("tiny", &[], &["--kv-cache-mib", "1"]).await;
     let prompts: Vec<Vec<u32>> = (0..10u32)
         .map(|i| (0..400u32).map(|j| (j * 13 + i * 101) % 256).collect())
         .collect();
@@ -384,20 +372,7 @@ async fn remote_prefills_wait_for_kv_blocks_instead_of_being_refused() {
 async fn a_request_waiting_for_kv_blocks_can_be_cancelled() {
     // `small`: 24 KiB of KV per token in f32, so 20 MiB hold two of these prompts; each takes about a second to
     // prefill on two cores, long enough to cancel the third while it waits.
-    let prefill = start_worker_with(&["--model", "small", "--role", "prefill"]);
-    let decode = start_worker_with(&[
-        "--model",
-        "small",
-        "--role",
-        "decode",
-        "--prefill-worker",
-        &prefill.addr,
-        "--remote-prefill-tokens-min",
-        "16",
-        "--kv-cache-mib",
-        "20",
-    ]);
-    decode.wait_for_log("linked to prefill worker").await;
+    let (_prefill, decode) = linked_pair_with("small", &[], &["--kv-cache-mib", "20"]).await;
     let prompts: Vec<Vec<u32>> = (0..3u32)
         .map(|i| (0..380u32).map(|j| (j * 7 + i * 53) % 256).collect())
         .collect();

@@ -371,6 +371,7 @@ impl Backend for CpuBackend {
         }
     }
 
+    /// Whole blocks: every head of each row.
     fn copy_kv_blocks_to_peer(
         &self,
         cache: &CpuKvCache,
@@ -378,37 +379,8 @@ impl Backend for CpuBackend {
         layer_idx: usize,
         blocks: &[(u32, u32)],
     ) -> Result<()> {
-        let elems = cache.layout.block_elems();
-        let peer_blocks = peer.layer_bytes / peer.block_bytes.max(1);
-        if peer.kind != KvShareKind::InProcess
-            || peer.block_bytes != (elems * 4) as u64
-            || layer_idx >= peer.n_layers as usize
-        {
-            return Err(Error::Backend {
-                backend: "cpu",
-                message: format!(
-                    "the peer's KV cache ({} layers of {}-byte blocks) does not match this one's",
-                    peer.n_layers, peer.block_bytes
-                ),
-            });
-        }
-        let base = peer.single_base()?;
-        let src_layer = cache.layer(layer_idx);
-        for &(src, dst) in blocks {
-            if src as usize >= cache.layout.n_blocks || dst as u64 >= peer_blocks {
-                return Err(Error::Backend {
-                    backend: "cpu",
-                    message: format!("KV block {src} → peer block {dst} is out of range"),
-                });
-            }
-            let from = &src_layer[src as usize * elems..][..elems];
-            let to = base + layer_idx as u64 * peer.layer_bytes + dst as u64 * peer.block_bytes;
-            // SAFETY: `base` is the start of a live CpuKvCache of this process (its decode worker keeps it
-            // alive for the process's life once exported) and the range is inside it (checked above). The block
-            // belongs to the request being prefilled, which the owner does not touch until told it is done.
-            unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), to as *mut f32, elems) };
-        }
-        Ok(())
+        let heads = KvHeadSlice::whole(cache.layout.n_kv_heads);
+        self.copy_kv_heads_to_peer(cache, peer, layer_idx, blocks, heads)
     }
 
     fn copy_kv_heads_to_peer(
@@ -454,7 +426,9 @@ impl Backend for CpuBackend {
             for row in 0..2 * layout.block_size {
                 let from = &block[row * src_row + heads.src_head0 * hd..][..n];
                 let to = dst_block + ((row * dst_row + heads.dst_head0 * hd) * 4) as u64;
-                // SAFETY: as in `copy_kv_blocks_to_peer`; the row range is inside the peer's block (checked above).
+                // SAFETY: `base` is the start of a live CpuKvCache of this process (its decode worker keeps it
+                // alive for the process's life once exported) and the row range is inside it (checked above). The
+                // block belongs to the request being prefilled, which the owner does not touch until told it is done.
                 unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), to as *mut f32, n) };
             }
         }

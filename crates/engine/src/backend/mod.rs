@@ -53,16 +53,21 @@ impl KvCacheExport {
 
     /// The handle of a one-rank export.
     pub fn single_handle(&self) -> Result<&[u8]> {
-        match self.handles.as_slice() {
-            [handle] => Ok(handle),
-            many => Err(crate::error::Error::Backend {
-                backend: "this",
-                message: format!(
-                    "the peer's KV cache is split over {} ranks, this backend has one",
-                    many.len()
-                ),
-            }),
-        }
+        only_share(&self.handles).map(Vec::as_slice)
+    }
+}
+
+/// The one share of a peer's cache that a one-rank backend can use.
+fn only_share<T>(shares: &[T]) -> Result<&T> {
+    match shares {
+        [share] => Ok(share),
+        many => Err(crate::error::Error::Backend {
+            backend: "this",
+            message: format!(
+                "the peer's KV cache is split over {} ranks, this backend has one",
+                many.len()
+            ),
+        }),
     }
 }
 
@@ -77,11 +82,24 @@ pub struct KvHeadSlice {
     pub dst_heads: usize,
 }
 
+impl KvHeadSlice {
+    /// Every one of `n_heads` heads, where both caches hold the same heads.
+    pub fn whole(n_heads: usize) -> Self {
+        KvHeadSlice {
+            src_head0: 0,
+            dst_head0: 0,
+            n_heads,
+            dst_heads: n_heads,
+        }
+    }
+}
+
 /// A peer's KV cache mapped into this process (see [`Backend::open_peer_kv_cache`]).
 #[derive(Debug)]
 pub struct PeerKvCache {
     pub kind: KvShareKind,
-    /// Per rank, where that rank's share of the peer's cache starts in this process's address space.
+    /// Where each mapped share of the peer's cache starts in this process's address space: one for a one-rank
+    /// backend; for a tensor-parallel one, indexed by (rank, peer rank), 0 where the pair shares no heads.
     pub bases: Vec<u64>,
     pub layer_bytes: u64,
     pub block_bytes: u64,
@@ -89,11 +107,11 @@ pub struct PeerKvCache {
 }
 
 impl PeerKvCache {
-    /// Rank `r`'s share alone.
-    pub fn rank(&self, r: usize) -> PeerKvCache {
+    /// Entry `i` of `bases` alone, as a one-rank backend uses it.
+    pub fn share(&self, i: usize) -> PeerKvCache {
         PeerKvCache {
             kind: self.kind,
-            bases: vec![self.bases[r]],
+            bases: vec![self.bases[i]],
             layer_bytes: self.layer_bytes,
             block_bytes: self.block_bytes,
             n_layers: self.n_layers,
@@ -102,16 +120,7 @@ impl PeerKvCache {
 
     /// The base of a one-rank mapping.
     pub fn single_base(&self) -> Result<u64> {
-        match self.bases.as_slice() {
-            [base] => Ok(*base),
-            many => Err(crate::error::Error::Backend {
-                backend: "this",
-                message: format!(
-                    "the peer's KV cache is split over {} ranks, this backend has one",
-                    many.len()
-                ),
-            }),
-        }
+        only_share(&self.bases).copied()
     }
 }
 

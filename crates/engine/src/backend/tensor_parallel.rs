@@ -549,7 +549,7 @@ impl<B: RankBackend> Backend for Tp<B> {
         let d = peer.bases.len() / self.ranks.len();
         for (r, s) in overlapping_ranks(self.ranks.len(), d) {
             self.ranks[r].make_current();
-            self.ranks[r].close_peer_kv_cache(peer.rank(r * d + s));
+            self.ranks[r].close_peer_kv_cache(peer.share(r * d + s));
         }
     }
 
@@ -575,7 +575,7 @@ impl<B: RankBackend> Backend for Tp<B> {
         for (r, s) in overlapping_ranks(n, d) {
             let rank = &self.ranks[r];
             rank.make_current();
-            let one = peer.rank(r * d + s);
+            let one = peer.share(r * d + s);
             if n == d {
                 rank.copy_kv_blocks_to_peer(&cache.ranks[r], &one, layer_idx, blocks)?;
                 continue;

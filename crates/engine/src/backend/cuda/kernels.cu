@@ -100,6 +100,22 @@ template <typename T> __device__ void embed(T* out, const T* table, const u32* i
     for (u32 i = threadIdx.x; i < cols; i += blockDim.x) o[i] = row[i];
 }
 
+// o = x * inv * w over one row: the second pass of both norms, 8 elements at a time when cols % 8 == 0.
+template <typename T> __device__ void scale_row(T* o, const T* xr, const T* w, float inv, u32 cols) {
+    if (cols % 8 == 0) {
+        for (u32 i = 8 * threadIdx.x; i < cols; i += 8 * blockDim.x) {
+            float v[8], g[8];
+            unpack8(load8(xr + i), v);
+            unpack8(load8(w + i), g);
+#pragma unroll
+            for (int k = 0; k < 8; k++) v[k] = v[k] * inv * g[k];
+            store8(o + i, pack8<T>(v));
+        }
+        return;
+    }
+    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) o[i] = from_f32<T>(to_f32(xr[i]) * inv * to_f32(w[i]));
+}
+
 // out = x / sqrt(mean(x^2) + eps) * w, one row per block.  grid: rows, block: up to 1024 threads, each taking 8
 // consecutive elements at a time (16-byte accesses) when cols % 8 == 0.
 template <typename T> __device__ void rms_norm(T* out, const T* x, const T* w, float eps, u32 cols) {
@@ -113,20 +129,10 @@ template <typename T> __device__ void rms_norm(T* out, const T* x, const T* w, f
 #pragma unroll
             for (int k = 0; k < 8; k++) ss += v[k] * v[k];
         }
-        float inv = rsqrtf(block_sum(ss) / cols + eps);
-        for (u32 i = 8 * threadIdx.x; i < cols; i += 8 * blockDim.x) {
-            float v[8], g[8];
-            unpack8(load8(xr + i), v);
-            unpack8(load8(w + i), g);
-#pragma unroll
-            for (int k = 0; k < 8; k++) v[k] = v[k] * inv * g[k];
-            store8(o + i, pack8<T>(v));
-        }
-        return;
+    } else {
+        for (u32 i = threadIdx.x; i < cols; i += blockDim.x) { float v = to_f32(xr[i]); ss += v * v; }
     }
-    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) { float v = to_f32(xr[i]); ss += v * v; }
-    float inv = rsqrtf(block_sum(ss) / cols + eps);
-    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) o[i] = from_f32<T>(to_f32(xr[i]) * inv * to_f32(w[i]));
+    scale_row(o, xr, w, rsqrtf(block_sum(ss) / cols + eps), cols);
 }
 
 // x += y, then out = x / sqrt(mean(x^2) + eps) * w: the residual add fused with the next norm.  grid: rows; 8
@@ -149,25 +155,15 @@ template <typename T> __device__ void add_rms_norm(T* x, const T* y, const T* w,
 #pragma unroll
             for (int k = 0; k < 8; k++) ss += a[k] * a[k];
         }
-        float inv = rsqrtf(block_sum(ss) / cols + eps);
-        for (u32 i = 8 * threadIdx.x; i < cols; i += 8 * blockDim.x) {
-            float v[8], g[8];
-            unpack8(load8(xr + i), v);
-            unpack8(load8(w + i), g);
-#pragma unroll
-            for (int k = 0; k < 8; k++) v[k] = v[k] * inv * g[k];
-            store8(o + i, pack8<T>(v));
+    } else {
+        for (u32 i = threadIdx.x; i < cols; i += blockDim.x) {
+            T sum = from_f32<T>(to_f32(xr[i]) + to_f32(yr[i]));
+            xr[i] = sum;
+            float v = to_f32(sum);
+            ss += v * v;
         }
-        return;
     }
-    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) {
-        T sum = from_f32<T>(to_f32(xr[i]) + to_f32(yr[i]));
-        xr[i] = sum;
-        float v = to_f32(sum);
-        ss += v * v;
-    }
-    float inv = rsqrtf(block_sum(ss) / cols + eps);
-    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) o[i] = from_f32<T>(to_f32(xr[i]) * inv * to_f32(w[i]));
+    scale_row(o, xr, w, rsqrtf(block_sum(ss) / cols + eps), cols);
 }
 
 // Splits each row of qkv = [q heads | k heads | v heads]; applies the per-head q/k RMSNorm when q_norm is not null

@@ -2259,44 +2259,14 @@ impl Backend for CudaBackend {
                 peer.n_layers, peer.block_bytes, cache.layout.n_layers
             )));
         }
-        let peer_blocks = peer.layer_bytes / block_bytes;
-        if let Some(&(src, dst)) = blocks
-            .iter()
-            .find(|&&(src, dst)| src as usize >= cache.layout.n_blocks || dst as u64 >= peer_blocks)
-        {
-            return Err(err(format!("KV block {src} → peer block {dst} is out of range")));
-        }
-        if blocks.is_empty() {
-            return Ok(());
-        }
-        let table: Vec<u32> = blocks.iter().flat_map(|&(src, dst)| [src, dst]).collect();
-        let table = self.upload(&table)?;
-        let src_layer = cache.layer_ptr(layer_idx);
-        let dst_layer = peer.single_base()? + layer_idx as u64 * peer.layer_bytes;
-        // The copy stream waits for everything queued so far (this layer's K and V, the table), then copies while
-        // the compute stream goes on to the next layer.
-        driver(
-            "ordering the KV copy after the layer",
-            self.copy_stream.join(&self.stream),
-        )?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks.len() as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        self.launch_on(
-            &self.copy_stream,
+        self.queue_peer_copy(
+            cache,
+            peer,
+            layer_idx,
+            blocks,
             "copy_kv_blocks",
-            &self.functions["copy_kv_blocks"],
-            cfg,
-            &[&dst_layer, &src_layer, &table.ptr],
             &[Scalar::U64(block_bytes / 16)],
-        );
-        self.peer_copy_tables
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(table);
-        Ok(())
+        )
     }
 
     fn copy_kv_heads_to_peer(
@@ -2323,10 +2293,43 @@ impl Backend for CudaBackend {
                 layout.n_kv_heads, peer.n_layers, peer.block_bytes
             )));
         }
-        let peer_blocks = peer.layer_bytes / dst_block_bytes;
+        let words = |n_heads: usize| Scalar::U32((n_heads * head_bytes / 16) as u32);
+        self.queue_peer_copy(
+            cache,
+            peer,
+            layer_idx,
+            blocks,
+            "copy_kv_heads",
+            &[
+                Scalar::U32(2 * layout.block_size as u32),
+                words(layout.n_kv_heads),
+                words(heads.dst_heads),
+                words(heads.src_head0),
+                words(heads.dst_head0),
+                words(heads.n_heads),
+            ],
+        )
+    }
+}
+
+impl CudaBackend {
+    /// Queues `kernel` (`copy_kv_blocks` or `copy_kv_heads`: arguments dst layer, src layer, block pairs, then
+    /// `scalars`) over layer `layer_idx`'s `blocks` on the copy stream, after the work queued so far (this layer's K
+    /// and V), so the compute stream goes on to the next layer. The caller has checked the peer's block size. The
+    /// pair table lives until `finish_peer_copies`.
+    fn queue_peer_copy(
+        &self,
+        cache: &CudaKvCache,
+        peer: &PeerKvCache,
+        layer_idx: usize,
+        blocks: &[(u32, u32)],
+        kernel: &str,
+        scalars: &[Scalar],
+    ) -> Result<()> {
+        let peer_blocks = peer.layer_bytes / peer.block_bytes;
         if let Some(&(src, dst)) = blocks
             .iter()
-            .find(|&&(src, dst)| src as usize >= layout.n_blocks || dst as u64 >= peer_blocks)
+            .find(|&&(src, dst)| src as usize >= cache.layout.n_blocks || dst as u64 >= peer_blocks)
         {
             return Err(err(format!("KV block {src} → peer block {dst} is out of range")));
         }
@@ -2346,21 +2349,13 @@ impl Backend for CudaBackend {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let words = |n_heads: usize| (n_heads * head_bytes / 16) as u32;
         self.launch_on(
             &self.copy_stream,
-            "copy_kv_heads",
-            &self.functions["copy_kv_heads"],
+            kernel,
+            &self.functions[kernel],
             cfg,
             &[&dst_layer, &src_layer, &table.ptr],
-            &[
-                Scalar::U32(2 * layout.block_size as u32),
-                Scalar::U32(words(layout.n_kv_heads)),
-                Scalar::U32(words(heads.dst_heads)),
-                Scalar::U32(words(heads.src_head0)),
-                Scalar::U32(words(heads.dst_head0)),
-                Scalar::U32(words(heads.n_heads)),
-            ],
+            scalars,
         );
         self.peer_copy_tables
             .lock()
@@ -2368,9 +2363,7 @@ impl Backend for CudaBackend {
             .push(table);
         Ok(())
     }
-}
 
-impl CudaBackend {
     fn block_ptr(&self, cache: &CudaKvCache, layer_idx: usize, block: u32, n_bytes: usize) -> Result<u64> {
         let block_bytes = self.kv_block_bytes(&cache.layout);
         if layer_idx >= cache.layout.n_layers || block as usize >= cache.layout.n_blocks || n_bytes != block_bytes {
