@@ -28,9 +28,11 @@ CLEAVE_PROFILE_OPS=1 "$bin" bench-engine --backend cuda --model llama3-8b --prom
 # The same decode points op by op (no CUDA graphs), for the graphs' effect on the same card in the same run.
 CLEAVE_CUDA_GRAPHS=0 "$bin" bench-engine --backend cuda --model llama3-8b --prompt-tokens 512 --batch 1,64 \
     --context 1024 --decode-steps 32 --repeat ${REPEAT:-3} > "$out/bench-no-graphs.json" 2> >(tee "$out/bench-no-graphs.log" >&2)
-# Decode on our GEMV kernel for the few-row products (opt-in, CLEAVE_GEMV=1, until measured) against cuBLAS above:
-# the same points, then op by op at batch 1.
-CLEAVE_GEMV=1 "$bin" bench-engine --backend cuda --model llama3-8b --prompt-tokens 512 --batch 1,8,64 \
-    --context 1024,4096 --decode-steps 32 --repeat ${REPEAT:-3} > "$out/bench-gemv.json" 2> >(tee "$out/bench-gemv.log" >&2)
-CLEAVE_GEMV=1 CLEAVE_PROFILE_OPS=1 "$bin" bench-engine --backend cuda --model llama3-8b --prompt-tokens 512 --batch 1 \
+# Decode with the few-row products on cuBLAS only and on our GEMV kernel at every batch it takes (CLEAVE_GEMV=off,
+# all), against the measured default above (ours up to batch 4); then op by op at batch 8.
+for gemv in off all; do
+    CLEAVE_GEMV=$gemv "$bin" bench-engine --backend cuda --model llama3-8b --prompt-tokens 512 --batch 1,2,4,8,16 \
+        --context 1024 --decode-steps 32 --repeat ${REPEAT:-3} > "$out/bench-gemv-$gemv.json" 2> >(tee "$out/bench-gemv-$gemv.log" >&2)
+done
+CLEAVE_GEMV=all CLEAVE_PROFILE_OPS=1 "$bin" bench-engine --backend cuda --model llama3-8b --prompt-tokens 512 --batch 8 \
     --context 1024 --decode-steps 16 --repeat 1 > "$out/bench-gemv-op-profile.json" 2> >(tee "$out/bench-gemv-op-profile.log" >&2)

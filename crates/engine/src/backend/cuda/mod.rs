@@ -220,7 +220,7 @@ const SAMPLE_STATIC_SMEM: usize = 2048;
 
 /// Context tokens one block of the decode attention kernel walks at most (see `attention`).
 const ATTENTION_SPLIT_TOKENS: usize = 1024;
-/// Rows of x up to which bf16 products run on the `gemv_m*` kernels instead of cuBLAS.
+/// Rows of x up to which the `gemv_m*` kernels compute a product.
 const GEMV_M_MAX: usize = 8;
 /// Rows of w per block of the `gemv_m*` kernels: GEMV_WARPS × GEMV_ROWS in kernels.cu.
 const GEMV_ROWS_PER_BLOCK: usize = 8;
@@ -382,9 +382,8 @@ pub struct CudaBackend {
     _blas_workspace: DeviceBuffer,
     /// The bf16 prefill attention kernel where its shape allows (falls back to the next one otherwise).
     prefill_kernel: PrefillKernel,
-    /// bf16 products of up to GEMV_M_MAX rows run on our GEMV kernel instead of cuBLAS: opt-in (`CLEAVE_GEMV=1`)
-    /// until it has been measured on a GPU.
-    gemv: bool,
+    /// Which kernel computes bf16 products of few rows (decode steps); see [`GemvPolicy`].
+    gemv: GemvPolicy,
     /// Where KV copies to a peer's pool run, so that layer i's copy overlaps layer i + 1's compute.
     copy_stream: Arc<CudaStream>,
     /// Block-pair tables of copies queued on `copy_stream`, kept alive until `finish_peer_copies`.
@@ -499,7 +498,7 @@ impl CudaBackend {
             Ok("decode") => PrefillKernel::Decode,
             _ => PrefillKernel::Flash2SharedQ,
         };
-        let gemv = std::env::var("CLEAVE_GEMV").as_deref() == Ok("1");
+        let gemv = GemvPolicy::from_env()?;
         let n_sms = driver(
             "reading the SM count",
             ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
@@ -1664,6 +1663,38 @@ fn flash2q_name(heads_per_block: usize) -> String {
 const FA2_SMEM_BYTES: usize = 2 * 2 * 64 * 128 * 2;
 const FA2Q_SMEM_BYTES: usize = FA2_SMEM_BYTES + 128 * 128 * 2;
 
+/// Which bf16 products of few rows (decode steps) run on the `gemv_m*` kernels instead of cuBLAS: `CLEAVE_GEMV` =
+/// `off` (none), `all` (every m ≤ GEMV_M_MAX), or unset: the measured choice, m ≤ 4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemvPolicy {
+    Measured,
+    Off,
+    All,
+}
+
+impl GemvPolicy {
+    fn from_env() -> Result<Self> {
+        match std::env::var("CLEAVE_GEMV").as_deref() {
+            Err(_) | Ok("") => Ok(Self::Measured),
+            Ok("off") => Ok(Self::Off),
+            Ok("all") => Ok(Self::All),
+            Ok(other) => Err(err(format!("CLEAVE_GEMV={other}: expected off or all"))),
+        }
+    }
+
+    /// Whether an m-row product runs on our kernel.
+    fn covers(self, m: usize) -> bool {
+        match self {
+            Self::Off => false,
+            Self::All => true,
+            // H100 SXM, a Llama-3-8B layer's four products (selftest "few-row products"): ours 0.154 / 0.160 /
+            // 0.165 ms at m = 1 / 2 / 4 against cuBLAS's 0.163 / 0.164 / 0.164; at m = 8 0.209 against 0.164 (the
+            // FMAs grow with m while the bytes do not). Decode steps: docs/benchmarks.md, "GEMV".
+            Self::Measured => m <= 4,
+        }
+    }
+}
+
 /// Which kernel runs bf16 prefill attention: `Flash2SharedQ` unless `CLEAVE_PREFILL_ATTENTION` names another
 /// (`fa2`, `wmma`, `decode`), for comparisons.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1947,7 +1978,7 @@ impl Backend for CudaBackend {
             "linear: x has {} columns, weight expects {}",
             x.cols, w.cols
         );
-        if self.gemv && self.gemv_fits(x.rows, x.cols) {
+        if self.gemv.covers(x.rows) && self.gemv_fits(x.rows, x.cols) {
             self.gemv(out, x, w);
         } else {
             self.gemm_cublas(out, x, w);
