@@ -28,26 +28,22 @@ phases=${PHASES:-correctness,engine,70b}
 if [[ $phases == *correctness* ]]; then
     for tp in 2 4; do
         [ "$n_gpus" -ge "$tp" ] || continue
-        "$bin" selftest --tp "$tp" --json-out "$out/selftest-tp$tp.json" 2>&1 | tee "$out/selftest-tp$tp.txt" \
-            || echo "selftest --tp $tp FAILED"
+        # Decode graphs are on: NCCL warns that one thread launching graphs for several GPUs can deadlock, hence the
+        # timeout.
+        timeout 300 "$bin" selftest --tp "$tp" --json-out "$out/selftest-tp$tp.json" 2>&1 | tee "$out/selftest-tp$tp.txt" \
+            || echo "selftest --tp $tp FAILED or hung"
     done
-    # Decode graphs at 2 ranks (opt-in: NCCL warns that one thread launching graphs for several GPUs can deadlock,
-    # hence the timeout).
-    CLEAVE_TP_GRAPHS=1 timeout 300 "$bin" selftest --tp 2 --json-out "$out/selftest-tp2-graphs.json" \
-        > "$out/selftest-tp2-graphs.txt" 2>&1 || echo "selftest --tp 2 with graphs FAILED or hung (rc $?)"
 fi
-
-# 2. The engine alone at the 8B shape, one GPU against two: TP 2 op by op (the default) and with decode graphs.
+# 2. The engine alone at the 8B shape, one GPU against two: TP 2 with decode graphs (the default) and op by op.
 if [[ $phases == *engine* ]]; then
-    for run in 1 2 2-graphs; do
+    for run in 1 2 2-no-graphs; do
         tp=${run%%-*}
-        CLEAVE_TP_GRAPHS=$([ "$run" = 2-graphs ] && echo 1 || echo 0) timeout 300 "$bin" bench-engine --backend cuda \
+        CLEAVE_TP_GRAPHS=$([ "$run" = 2-no-graphs ] && echo 0 || echo 1) timeout 300 "$bin" bench-engine --backend cuda \
             --model llama3-8b --tp "$tp" --prompt-tokens 2048,8192 --batch 1,64 --context 1024 --decode-steps 32 \
             --repeat 2 > "$out/bench-engine-tp$run.json" 2> "$out/bench-engine-tp$run.log" \
             || echo "bench-engine --tp $run FAILED or hung"
     done
 fi
-
 # 3. Four GPUs: Llama-3-70B shape, prefill TP2 + decode TP2 against two TP2 aggregated workers, the workload of
 # NVIDIA's published disaggregation result (ISL 3000, OSL 150), over a sweep of rates for the curve of throughput per
 # GPU against tokens/s per user. SPECS picks the deployments (two specs at four rates fit one 10-minute call);

@@ -175,8 +175,20 @@ impl<B: Backend> Engine<B> {
             )));
         }
         let layout = model.kv_layout(n_blocks, config.block_size);
-        let cache = backend.kv_cache(&layout)?;
+        let mut cache = backend.kv_cache(&layout)?;
         tracing::info!(n_blocks, block_bytes, "allocated the KV pool");
+        let started = std::time::Instant::now();
+        let warm_up_steps = backend.warm_up_steps();
+        for step in &warm_up_steps {
+            model.forward(&backend, &mut cache, step)?;
+        }
+        if !warm_up_steps.is_empty() {
+            tracing::info!(
+                steps = warm_up_steps.len(),
+                seconds = started.elapsed().as_secs_f64(),
+                "warmed up (decode graphs captured)"
+            );
+        }
         let pool = BlockPool::new(BlockPoolConfig {
             n_blocks,
             block_size: config.block_size,

@@ -339,6 +339,13 @@ pub trait Backend: Send + Sync {
         forward(&self.batch(step)?)
     }
 
+    /// Steps to run once, before serving, whose outputs are thrown away: the CUDA backend captures a decode graph
+    /// for each batch-size bucket with them, so that no request's step later stalls for a capture (tens of ms).
+    /// They write K and V only where no sequence lives.
+    fn warm_up_steps(&self) -> Vec<StepBatch> {
+        Vec::new()
+    }
+
     /// Samples row `i` of `logits` as `rows[i]` asks ([`crate::sampler`] defines the algorithm), where the logits
     /// live, so that only token ids cross to the host. May overwrite the logits (banned ids). `None` where the
     /// backend has no such path (the engine then samples on the host with [`crate::sampler::Sampler`]).

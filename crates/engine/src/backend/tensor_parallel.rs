@@ -93,11 +93,10 @@ pub struct Tp<B: RankBackend> {
     /// Declared first so that it is dropped first: communicators go before the devices they run on.
     group: B::Group,
     ranks: Vec<B>,
-    /// Whether decode steps may replay captured graphs at more than one rank (`CLEAVE_TP_GRAPHS=1`). NCCL warns that
-    /// graphs holding its collectives, launched for several GPUs from one thread, can deadlock (`cudaGraphLaunch` may
-    /// block until the other GPUs' graphs run), so replays are launched from one thread per rank. Off by default: at
-    /// 2 H100s it took TP 2 decode from 5.92 to 5.00 ms a step (batch 1), but `selftest --tp 2` hung when its first
-    /// engine was dropped — since fixed (see `Drop`), not yet rerun on GPUs.
+    /// Whether decode steps may replay captured graphs at more than one rank (on unless `CLEAVE_TP_GRAPHS=0`). NCCL
+    /// warns that graphs holding its collectives, launched for several GPUs from one thread, can deadlock
+    /// (`cudaGraphLaunch` may block until the other GPUs' graphs run), so replays are launched from one thread per
+    /// rank. At 2 H100s they take TP 2 decode from 4.49 to 4.23 ms a step at batch 1 (docs/benchmarks.md).
     graphs: bool,
 }
 
@@ -120,7 +119,7 @@ impl<B: RankBackend> Tp<B> {
             return Err(tp_error("tensor parallelism needs at least one rank".into()));
         }
         let group = B::group(&ranks)?;
-        let graphs = ranks.len() == 1 || std::env::var("CLEAVE_TP_GRAPHS").as_deref() == Ok("1");
+        let graphs = ranks.len() == 1 || std::env::var("CLEAVE_TP_GRAPHS").as_deref() != Ok("0");
         Ok(Self { group, ranks, graphs })
     }
 
@@ -257,6 +256,14 @@ impl<B: RankBackend> Backend for Tp<B> {
             .into_iter()
             .collect::<Result<_>>()?;
         Ok(TpKvCache { ranks, layout: *layout })
+    }
+
+    fn warm_up_steps(&self) -> Vec<StepBatch> {
+        match self.graphs {
+            // Every rank's pool has the same blocks, so rank 0's steps serve all.
+            true => Backend::warm_up_steps(&self.ranks[0]),
+            false => Vec::new(),
+        }
     }
 
     /// Decode steps replay a graph on every rank, or are captured on every rank (see [`RankBackend`]), where graphs

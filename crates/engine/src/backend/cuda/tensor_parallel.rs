@@ -5,10 +5,10 @@
 //! the group, the first rank's call would wait for the others, which this thread has not issued yet). Each rank's
 //! all-reduce runs on that rank's stream, ordered after the o_proj or down_proj product that fed it.
 //!
-//! With `CLEAVE_TP_GRAPHS=1`, decode steps run as CUDA graphs as at one rank, one graph per rank: `Tp::run_step`
-//! replays on every rank or captures on every rank, the NCCL all-reduces captured with the kernels around them, and
-//! launches each rank's replay from a thread of its own (NCCL documents that graphs with collectives launched for
-//! several GPUs from one thread can deadlock). Off by default until `selftest --tp 2` passes with it (see `Tp`).
+//! Decode steps run as CUDA graphs as at one rank, one graph per rank (`CLEAVE_TP_GRAPHS=0` turns them off):
+//! `Tp::run_step` replays on every rank or captures on every rank, the NCCL all-reduces captured with the kernels
+//! around them, and launches each rank's replay from a thread of its own (NCCL documents that graphs with collectives
+//! launched for several GPUs from one thread can deadlock).
 
 use cudarc::nccl::{result as nccl, sys as nccl_sys};
 
