@@ -306,13 +306,12 @@ impl GraphInputs {
 fn graph_input_words(step: &StepBatch, bucket: usize, scratch_block: u32, block_size: u32) -> Vec<u32> {
     let b = bucket;
     let mut w = vec![0u32; 9 * b];
-    let mut tables = Vec::new();
     for i in 0..b {
         let seq = step.seqs.get(i);
-        let table_offset = tables.len() as u32;
+        let table_offset = (w.len() - 9 * b) as u32;
         let context_len = match seq {
             Some(s) => {
-                tables.extend_from_slice(&s.block_table);
+                w.extend_from_slice(&s.block_table);
                 s.context_len
             }
             None => 1,
@@ -324,14 +323,13 @@ fn graph_input_words(step: &StepBatch, bucket: usize, scratch_block: u32, block_
         w[7 * b + i] = i as u32;
         w[8 * b + i] = i as u32;
     }
-    let padding_table = tables.len() as u32;
+    let padding_table = (w.len() - 9 * b) as u32;
     for i in step.seqs.len()..b {
         w[4 * i + 3] = padding_table;
     }
     if step.seqs.len() < b {
-        tables.push(scratch_block);
+        w.push(scratch_block);
     }
-    w.extend(tables);
     w
 }
 
